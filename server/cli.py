@@ -1,0 +1,2 @@
+def main() -> None:
+    raise SystemExit("guardkit-server: not implemented yet")

@@ -1,0 +1,305 @@
+"""The in-process engine: vLLM's AsyncLLM with the aLoRA plugin, speaking prompt ids and labels.
+
+One evaluation = one prompt (ids), one adapter (or none), the label token ids; the answer is the
+label log-probabilities from a single generated position, renormalised over the labels, and how
+many prompt tokens were served from the prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .adapters import AdapterError, AdapterInfo, ModelInfo, inspect_adapter
+
+
+class EngineError(RuntimeError):
+    """The engine failed to serve a request (not the caller's fault)."""
+
+
+class EvaluationError(ValueError):
+    """A request the engine refused (the caller's fault: bad ids, missing invocation...)."""
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    max_loras: int = 8  # adapters in one batch (GPU slots)
+    max_cpu_loras: int | None = None  # adapters kept loaded; default: max_loras
+    max_lora_rank: int = 16
+    kv_cache_dtype: str = "auto"
+    kv_cache_memory_gb: float | None = None  # CPU: KV cache size; default 1 GiB
+    block_size: int | None = None  # default: 32 on CPU (finer prefix sharing), vLLM's on GPU
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    load_format: str = "auto"
+    gpu_memory_utilization: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def engine_args(self) -> dict[str, Any]:
+        cpu = _is_cpu()
+        args: dict[str, Any] = dict(
+            model=self.model,
+            dtype=self.dtype,
+            skip_tokenizer_init=True,  # guardkit tokenizes with the prompt contract
+            enable_lora=True,
+            max_loras=self.max_loras,
+            max_cpu_loras=max(self.max_cpu_loras or self.max_loras, self.max_loras),
+            max_lora_rank=self.max_lora_rank,
+            enable_prefix_caching=True,
+            max_model_len=self.max_model_len,
+            kv_cache_dtype=self.kv_cache_dtype,
+            tensor_parallel_size=self.tensor_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens
+            or max(16384, self.max_model_len),
+            load_format=self.load_format,
+            enforce_eager=self.enforce_eager,
+        )
+        if cpu:
+            args["kv_cache_memory_bytes"] = int((self.kv_cache_memory_gb or 1.0) * (1 << 30))
+            args["block_size"] = self.block_size or 32
+        elif self.block_size:
+            args["block_size"] = self.block_size
+        if self.gpu_memory_utilization is not None:
+            args["gpu_memory_utilization"] = self.gpu_memory_utilization
+        args.update(self.extra)
+        return args
+
+
+def _is_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # pragma: no cover - no vLLM
+        return True
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter loaded in the engine."""
+
+    name: str
+    lora_id: int
+    info: AdapterInfo
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    def lora_request(self) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(self.name, self.lora_id, self.info.path)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    prompt_ids: Sequence[int]
+    label_ids: Sequence[int]
+    adapter: Adapter | None = None
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    label_logprobs: list[float]  # raw log-probabilities of each label token
+    probabilities: list[float]  # renormalised over the labels
+    prompt_tokens: int
+    cached_tokens: int
+    latency_s: float
+
+
+def renormalise(logprobs: Sequence[float]) -> list[float]:
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class GuardEngine:
+    """Async wrapper over vLLM's AsyncLLM; one per server process."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model = ModelInfo.from_path(config.model)
+        self._llm: Any = None
+        self._ids = itertools.count(1)
+        self._adapters: dict[str, Adapter] = {}
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**self.config.engine_args())
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    @property
+    def started(self) -> bool:
+        return self._llm is not None
+
+    @property
+    def max_model_len(self) -> int:
+        if self._llm is not None:
+            return int(self._llm.model_config.max_model_len)
+        return self.config.max_model_len
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def __aenter__(self) -> GuardEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        return dict(self._adapters)
+
+    async def add_adapter(
+        self, name: str, path: str, expected_fingerprint: str | None = None
+    ) -> Adapter:
+        """Check and load an adapter; on any error nothing is loaded and AdapterError is raised."""
+        if (
+            expected_fingerprint
+            and self.model.fingerprint
+            and expected_fingerprint != self.model.fingerprint
+        ):
+            raise AdapterError(
+                f"{path}: trained on base model {expected_fingerprint}, this engine serves "
+                f"{self.model.name} ({self.model.fingerprint})"
+            )
+        info = inspect_adapter(path, self.model, self.config.max_lora_rank)
+        async with self._lock:
+            if name in self._adapters:
+                raise AdapterError(f"an adapter named {name!r} is already loaded")
+            adapter = Adapter(name=name, lora_id=next(self._ids), info=info)
+            try:
+                ok = await self._llm.add_lora(adapter.lora_request())
+            except Exception as exc:
+                raise AdapterError(f"{path}: the engine could not load the adapter ({_root(exc)})") from None
+            if ok is False:
+                raise AdapterError(f"{path}: the engine refused the adapter")
+            self._adapters[name] = adapter
+            return adapter
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        async with self._lock:
+            if self._adapters.get(adapter.name) is adapter:
+                del self._adapters[adapter.name]
+            try:
+                await self._llm.remove_lora(adapter.lora_id)
+            except Exception:  # already evicted
+                pass
+
+    # ------------------------------------------------------------------ evaluation
+    async def evaluate(self, evaluation: Evaluation, request_id: str | None = None) -> EvalResult:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self._llm is None:
+            raise EngineError("the engine is not started")
+        ids = list(evaluation.prompt_ids)
+        if not ids:
+            raise EvaluationError("empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise EvaluationError(
+                f"prompt of {len(ids)} tokens does not fit the model context ({self.max_model_len})"
+            )
+        labels = list(evaluation.label_ids)
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprob_token_ids=labels, detokenize=False
+        )
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if evaluation.cache_salt:
+            prompt["cache_salt"] = evaluation.cache_salt
+        lora = evaluation.adapter.lora_request() if evaluation.adapter else None
+        request_id = request_id or uuid.uuid4().hex
+        started = time.perf_counter()
+        final = None
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(**prompt), params, request_id, lora_request=lora
+            ):
+                final = output
+        except asyncio.CancelledError:
+            await self._abort(request_id)
+            raise
+        except _CLIENT_ERRORS as exc:  # the request's fault (e.g. no invocation ids)
+            raise EvaluationError(str(exc)) from None
+        except Exception as exc:
+            raise EngineError(f"engine failure: {_root(exc)}") from exc
+        latency = time.perf_counter() - started
+        if final is None or not final.outputs or not final.outputs[0].logprobs:
+            raise EngineError("the engine returned no logprobs")
+        position = final.outputs[0].logprobs[0]
+        try:
+            label_logprobs = [float(position[t].logprob) for t in labels]
+        except KeyError as exc:
+            raise EngineError(f"label token {exc} missing from the engine's logprobs") from None
+        return EvalResult(
+            label_logprobs=label_logprobs,
+            probabilities=renormalise(label_logprobs),
+            prompt_tokens=len(ids),
+            cached_tokens=int(final.num_cached_tokens or 0),
+            latency_s=latency,
+        )
+
+    async def evaluate_many(
+        self, evaluations: Sequence[Evaluation]
+    ) -> list[EvalResult | BaseException]:
+        """All evaluations submitted together; one failing never affects the others."""
+        return await asyncio.gather(
+            *(self.evaluate(e) for e in evaluations), return_exceptions=True
+        )
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self._llm.abort(request_id)
+        except Exception:
+            pass
+
+    async def reset_prefix_cache(self) -> None:
+        await self._llm.reset_prefix_cache()
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    try:  # vLLM >= 0.30 has a client-error base class; older releases raise ValueError
+        from vllm.exceptions import VLLMClientError
+
+        return (ValueError, VLLMClientError)
+    except ImportError:
+        return (ValueError,)
+
+
+_CLIENT_ERRORS = _client_errors()
+
+
+def _root(exc: BaseException) -> str:
+    text = str(exc)
+    marker = "Worker failed with error "
+    if marker in text:
+        text = text.split(marker, 1)[1].split(", please check", 1)[0].strip("'")
+    return text

@@ -1,0 +1,36 @@
+"""guardkit's vLLM plugin: activated LoRA with cross-adapter prefix sharing.
+
+vLLM calls :func:`register` in every process (front end, engine core, workers) through the
+``vllm.general_plugins`` entry point. Set ``GUARDKIT_VLLM_PLUGIN=0`` (or ``VLLM_PLUGINS`` to a
+list without ``guardkit_alora``) to run upstream vLLM unchanged, e.g. for a vanilla baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("guardkit.plugin")
+_registered = False
+
+
+def enabled() -> bool:
+    return os.environ.get("GUARDKIT_VLLM_PLUGIN", "1").lower() not in ("0", "false", "no", "off")
+
+
+def register() -> None:
+    global _registered
+    if _registered or not enabled():
+        return
+    _registered = True
+    from . import cpu_lora, patches
+
+    patches.patch_peft_helper()
+    patches.patch_input_processor()
+    patches.patch_block_hashing()
+    patches.patch_lora_mapping()
+    if os.environ.get("GUARDKIT_FAST_CPU_LORA", "1") != "0":
+        cpu_lora.patch_cpu_punica()
+    # The aLoRA mapping patch covers the V1 model runner; keep GPUs on it.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    logger.debug("guardkit aLoRA plugin registered (pid %d)", os.getpid())

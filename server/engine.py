@@ -161,6 +161,10 @@ class GuardEngine:
             return int(self._llm.model_config.max_model_len)
         return self.config.max_model_len
 
+    @property
+    def block_size(self) -> int:
+        return int(self._llm.vllm_config.cache_config.block_size)
+
     def shutdown(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()

@@ -1,0 +1,182 @@
+"""The guard protocol: what a client sends and what guardkit-server answers.
+
+One definition, used by the SDK (to build requests and parse answers) and by the server (to
+validate requests and serialise answers), so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Outcome = Literal["allow", "block", "error"]
+OnError = Literal["block", "allow"]
+Stage = Literal["input", "output"]
+
+__all__ = [
+    "Role",
+    "Outcome",
+    "OnError",
+    "Stage",
+    "TextPart",
+    "Message",
+    "GuardRequest",
+    "VerdictError",
+    "Verdict",
+    "Usage",
+    "Timings",
+    "GuardResult",
+    "PolicyInfo",
+    "PolicyList",
+    "PolicyLoadRequest",
+    "ErrorDetail",
+    "ErrorResponse",
+]
+
+
+class TextPart(BaseModel):
+    """A text content part, as in OpenAI's chat messages."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"] = "text"
+    text: str
+
+
+class Message(BaseModel):
+    """An OpenAI-style chat message. Only text is judged."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Role
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class GuardRequest(BaseModel):
+    """POST /v1/guard: judge one conversation against a set of policies."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(min_length=1, description="The conversation, oldest first.")
+    policies: list[str] | None = Field(
+        default=None, description="Policy names to run; default: every loaded policy."
+    )
+    monitor: list[str] = Field(
+        default_factory=list,
+        description="Policies that are evaluated and reported but never block the turn.",
+    )
+    on_error: OnError = Field(
+        default="block", description="What a policy error means for the turn (fail closed)."
+    )
+    timeout_ms: int | None = Field(
+        default=None, gt=0, description="Deadline for the whole call; unfinished policies error."
+    )
+    stage: Stage | None = Field(default=None, description="Echoed back: which turn is judged.")
+
+
+class VerdictError(BaseModel):
+    type: str
+    message: str
+
+
+class Verdict(BaseModel):
+    """One policy's judgement of the conversation."""
+
+    policy: str
+    version: str | None = None
+    outcome: Outcome
+    label: str | None = None
+    score: float | None = Field(default=None, description="Probability of the blocking label.")
+    threshold: float | None = None
+    enforced: bool = Field(default=True, description="False for monitor-only policies.")
+    latency_ms: float = 0.0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: VerdictError | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """This policy says block (whether or not it is enforced)."""
+        return self.outcome == "block"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(0, description="Prompt tokens over all policy evaluations.")
+    cached_tokens: int = Field(0, description="Of those, served from the prefix cache.")
+    computed_tokens: int = Field(0, description="Of those, computed in this call.")
+    conversation_tokens: int = Field(0, description="Length of the shared conversation prefix.")
+
+
+class Timings(BaseModel):
+    total_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    engine_ms: float = 0.0
+
+
+class GuardResult(BaseModel):
+    """The answer to one guard call: one verdict per policy plus the turn's decision."""
+
+    id: str
+    blocked: bool
+    blocked_by: list[str] = Field(default_factory=list)
+    would_block: list[str] = Field(
+        default_factory=list, description="Monitor-only policies that would have blocked."
+    )
+    errored: list[str] = Field(default_factory=list)
+    on_error: OnError = "block"
+    verdicts: list[Verdict]
+    stage: Stage | None = None
+    judged_messages: int = Field(0, description="How many messages of the conversation were judged.")
+    model: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+
+    def verdict(self, policy: str) -> Verdict:
+        for v in self.verdicts:
+            if v.policy == policy:
+                return v
+        raise KeyError(policy)
+
+
+class PolicyInfo(BaseModel):
+    name: str
+    version: str
+    description: str = ""
+    rule: str
+    method: str = Field(description="How the adapter was trained: alora, lora or curlora.")
+    activated: bool = Field(description="True when the adapter switches on at its invocation.")
+    labels: list[str]
+    block_label: str
+    threshold: float
+    base_model: str
+    contract_version: str
+
+
+class PolicyList(BaseModel):
+    policies: list[PolicyInfo]
+
+
+class PolicyLoadRequest(BaseModel):
+    """POST /v1/policies: load (or replace) a policy folder that is on the server's disk."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    replace: bool = False
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

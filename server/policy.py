@@ -1,0 +1,97 @@
+"""A policy on disk: a PEFT adapter folder plus ``guardkit-policy.json``.
+
+The manifest says what the adapter judges (rule text, labels, which label blocks, threshold),
+how it was trained (method, base model, prompt-contract version) and its invocation ids.
+Training writes it; the server's registry reads and checks it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .contract import CONTRACT_VERSION, DEFAULT_LABELS, DEFAULT_QUESTION, PolicyPrompt
+
+MANIFEST_FILE = "guardkit-policy.json"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+Method = Literal["alora", "lora", "curlora"]
+
+
+class PolicyError(ValueError):
+    """A policy folder that cannot be loaded; the message says why."""
+
+
+class BaseModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    fingerprint: str | None = None
+
+
+class PolicyManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = "1"
+    description: str = ""
+    rule: str = Field(min_length=1)
+    question: str = DEFAULT_QUESTION
+    labels: list[str] = Field(default_factory=lambda: list(DEFAULT_LABELS), min_length=2)
+    block_label: str = "Yes"
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    method: Method = "alora"
+    base_model: BaseModelRef
+    contract_version: str = CONTRACT_VERSION
+    invocation_ids: list[int] | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyManifest:
+        if self.block_label not in self.labels:
+            raise ValueError(f"block_label {self.block_label!r} is not one of labels {self.labels}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be distinct")
+        if self.method == "lora" and self.invocation_ids:
+            raise ValueError("a plain LoRA policy has no invocation ids")
+        if self.method != "lora" and not self.invocation_ids:
+            raise ValueError(f"a {self.method} policy needs its invocation_ids")
+        return self
+
+    @property
+    def activated(self) -> bool:
+        return self.method != "lora"
+
+    def prompt(self) -> PolicyPrompt:
+        return PolicyPrompt(
+            rule=self.rule,
+            invocation_ids=tuple(self.invocation_ids) if self.invocation_ids else None,
+            labels=tuple(self.labels),
+            question=self.question,
+        )
+
+    @property
+    def block_index(self) -> int:
+        return self.labels.index(self.block_label)
+
+
+def load_manifest(folder: str | Path) -> PolicyManifest:
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists():
+        raise PolicyError(f"{folder}: no {MANIFEST_FILE} (not a guardkit policy folder)")
+    try:
+        return PolicyManifest.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()
+        )
+        raise PolicyError(f"{path}: {problems}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path}: cannot read ({exc})") from None
+
+
+def write_manifest(folder: str | Path, manifest: PolicyManifest) -> Path:
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return path

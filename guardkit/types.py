@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Outcome = Literal["allow", "block", "error"]
@@ -51,6 +51,13 @@ class Message(BaseModel):
     role: Role
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if value is None or isinstance(value, (str, list)):
+            return value
+        raise ValueError(f"content must be a string or a list of text parts, not {type(value).__name__}")
 
     def text(self) -> str:
         if self.content is None:

@@ -95,6 +95,8 @@ def resolve_model(model: str | None) -> str:
     if model in (None, "", "default", DEFAULT_MODEL_NAME):
         return str(ensure_default_model())
     path = Path(model).expanduser()
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise ModelNotFoundError(f"model folder {model} does not exist")
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")

@@ -24,6 +24,10 @@ class PolicyError(ValueError):
     """A policy folder that cannot be loaded; the message says why."""
 
 
+class DuplicatePolicyError(PolicyError):
+    """A policy with that name is already loaded."""
+
+
 class BaseModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str

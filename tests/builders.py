@@ -142,3 +142,36 @@ def build_adapter(
                 p.normal_(0.0, 0.15)
     peft_model.save_pretrained(out)
     return out
+
+
+def build_policy(
+    model_dir: Path,
+    out: Path,
+    name: str,
+    *,
+    seed: int,
+    activated: bool = True,
+    threshold: float = 0.5,
+    rule: str | None = None,
+    version: str = "1",
+) -> Path:
+    """A policy folder (adapter + guardkit-policy.json) for the tiny model."""
+    from transformers import AutoTokenizer
+
+    from guardkit_server.adapters import fingerprint
+    from guardkit_server.contract import PromptContract
+    from guardkit_server.policy import BaseModelRef, PolicyManifest, write_manifest
+
+    invocation = list(PromptContract(AutoTokenizer.from_pretrained(model_dir)).default_invocation_ids)
+    build_adapter(model_dir, out, invocation if activated else None, seed=seed)
+    manifest = PolicyManifest(
+        name=name,
+        version=version,
+        rule=rule or f"The conversation must not break test rule {name}.",
+        threshold=threshold,
+        method="alora" if activated else "lora",
+        base_model=BaseModelRef(name=model_dir.name, fingerprint=fingerprint(model_dir)),
+        invocation_ids=invocation if activated else None,
+    )
+    write_manifest(out, manifest)
+    return out

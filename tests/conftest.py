@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -74,3 +75,104 @@ async def engine(tiny: TinyAssets):
     await eng.start()
     yield eng
     eng.shutdown()
+
+
+# ----------------------------------------------------------------- guardkit-server process
+@dataclass
+class GuardServerProcess:
+    """A real guardkit-server on loopback: tiny Qwen3, test policies, two tenants, admin key."""
+
+    url: str
+    keys: dict[str, str]  # tenant -> key
+    admin_key: str
+    policy_dir: Path
+    spare_dir: Path  # policy folders not loaded at start (for runtime add / rescan tests)
+    log: Path
+    process: object
+
+    def headers(self, tenant: str = "tenant-a") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[tenant]}"}
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process, log: Path, timeout: float = 300.0) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def start_server_process(args: list[str], log: Path, env: dict | None = None):
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "guardkit_server.cli", "start", *args],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def guard_server(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("server")
+    policies, spare = root / "policies", root / "spare"
+    policies.mkdir()
+    spare.mkdir()
+    q = tiny.qwen3
+    builders.build_policy(q, policies / "always", "always", seed=101, threshold=0.0)
+    builders.build_policy(q, policies / "never", "never", seed=102, threshold=1.0)
+    builders.build_policy(q, policies / "coin", "coin", seed=103, threshold=0.5)
+    builders.build_policy(q, policies / "plain", "plain", seed=104, activated=False)
+    builders.build_policy(q, spare / "extra", "extra", seed=105)
+    builders.build_policy(q, spare / "extra-v2", "extra", seed=106, version="2")
+    builders.build_policy(tiny.llama, spare / "llama-policy", "llama-policy", seed=107)
+    no_inv = builders.build_policy(q, spare / "no-invocation", "no-invocation", seed=108, activated=False)
+    manifest = json.loads((no_inv / "guardkit-policy.json").read_text())
+    manifest.update(method="alora", invocation_ids=tiny.invocation)
+    (no_inv / "guardkit-policy.json").write_text(json.dumps(manifest))
+    builders.build_policy(q, spare / "always-dup", "always", seed=109)
+
+    port = free_port()
+    keys = {"tenant-a": "key-a", "tenant-b": "key-b"}
+    log = root / "server.log"
+    process = start_server_process(
+        [
+            "--model", str(q), "--policies", str(policies), "--port", str(port),
+            "--dtype", "float32", "--max-model-len", "2048", "--max-lora-rank", "8",
+            "--kv-cache-memory-gb", "0.25", "--max-policies-per-call", "6",
+            "--api-key", "tenant-a:key-a", "--api-key", "tenant-b:key-b",
+            "--admin-key", "admin-key",
+        ],
+        log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log)
+        yield GuardServerProcess(url, keys, "admin-key", policies, spare, log, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except Exception:
+            process.kill()

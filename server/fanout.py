@@ -1,0 +1,210 @@
+"""Fan-out: one guard call becomes one engine request per policy, all submitted together.
+
+The conversation's prefix ids are built once; each policy appends its precomputed suffix. The
+engine sees every request of the call at once, so the prefix is computed once and every other
+policy reuses it from the prefix cache. A policy that fails or misses the deadline becomes an
+error verdict, never an "allow".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from guardkit.types import GuardRequest, GuardResult, Timings, Usage, Verdict, VerdictError
+
+from .contract import ContractError, PromptContract
+from .engine import EngineError, EvalResult, Evaluation, EvaluationError, GuardEngine
+from .metrics import Metrics
+from .registry import LoadedPolicy, PolicyRegistry
+
+
+class GuardRequestError(ValueError):
+    """The call itself is unusable (HTTP 4xx): nothing was evaluated."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+
+    @property
+    def cache_salt(self) -> str:
+        # Every tenant, the default one included, gets its own prefix-cache namespace.
+        return f"guardkit-tenant:{self.id}"
+
+
+class FanOut:
+    def __init__(
+        self,
+        engine: GuardEngine,
+        registry: PolicyRegistry,
+        contract: PromptContract,
+        metrics: Metrics,
+        max_policies_per_call: int = 256,
+        default_timeout_ms: int = 30_000,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.contract = contract
+        self.metrics = metrics
+        self.max_policies_per_call = max_policies_per_call
+        self.default_timeout_ms = default_timeout_ms
+
+    def select(self, request: GuardRequest) -> list[LoadedPolicy]:
+        snapshot = self.registry.snapshot()
+        names = list(snapshot) if request.policies is None else list(dict.fromkeys(request.policies))
+        if len(names) > self.max_policies_per_call:
+            raise GuardRequestError(
+                f"{len(names)} policies requested; this server allows at most "
+                f"{self.max_policies_per_call} per call",
+                param="policies",
+            )
+        unknown = [n for n in [*names, *request.monitor] if n not in snapshot]
+        if unknown:
+            raise GuardRequestError(
+                f"unknown polic{'y' if len(unknown) == 1 else 'ies'}: {', '.join(unknown)}; "
+                f"loaded: {', '.join(snapshot) or 'none'}",
+                status=404,
+                param="policies",
+            )
+        if not names:
+            raise GuardRequestError("no policies to run (none loaded or none selected)", param="policies")
+        return [snapshot[n] for n in names]
+
+    async def guard(self, request: GuardRequest, tenant: Tenant) -> GuardResult:
+        started = time.perf_counter()
+        policies = self.select(request)
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        try:
+            prefix = self.contract.prefix_ids(messages)
+        except ContractError as exc:
+            raise GuardRequestError(str(exc), status=422, param="messages") from None
+        longest = len(prefix) + max(len(p.suffix_ids) for p in policies)
+        if longest >= self.engine.max_model_len:
+            raise GuardRequestError(
+                f"the conversation is {len(prefix)} tokens; with the policy prompt it needs "
+                f"{longest}, more than the model's context of {self.engine.max_model_len} tokens",
+                status=413,
+                param="messages",
+            )
+        tokenized = time.perf_counter()
+        results = await self._evaluate(prefix, policies, tenant, request.timeout_ms)
+        finished = time.perf_counter()
+
+        monitor = set(request.monitor)
+        verdicts = [
+            _verdict(p, r, enforced=p.name not in monitor) for p, r in zip(policies, results)
+        ]
+        blocked_by = [v.policy for v in verdicts if v.enforced and v.outcome == "block"]
+        errored = [v.policy for v in verdicts if v.outcome == "error"]
+        fail_closed = request.on_error == "block" and any(
+            v.enforced and v.outcome == "error" for v in verdicts
+        )
+        prompt_tokens = sum(v.prompt_tokens for v in verdicts)
+        cached = sum(v.cached_tokens for v in verdicts)
+        result = GuardResult(
+            id=f"guard-{uuid.uuid4().hex}",
+            blocked=bool(blocked_by) or fail_closed,
+            blocked_by=blocked_by,
+            would_block=[v.policy for v in verdicts if not v.enforced and v.outcome == "block"],
+            errored=errored,
+            on_error=request.on_error,
+            verdicts=verdicts,
+            stage=request.stage,
+            judged_messages=len(request.messages),
+            model=self.registry.model.name,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                cached_tokens=cached,
+                computed_tokens=prompt_tokens - cached,
+                conversation_tokens=len(prefix),
+            ),
+            timings=Timings(
+                total_ms=(finished - started) * 1000,
+                tokenize_ms=(tokenized - started) * 1000,
+                engine_ms=(finished - tokenized) * 1000,
+            ),
+        )
+        self.metrics.observe_call(result)
+        return result
+
+    async def _evaluate(
+        self,
+        prefix: Sequence[int],
+        policies: Sequence[LoadedPolicy],
+        tenant: Tenant,
+        timeout_ms: int | None,
+    ) -> list[EvalResult | BaseException]:
+        self.registry.acquire(policies)
+        try:
+            tasks = [
+                asyncio.ensure_future(
+                    self.engine.evaluate(
+                        Evaluation(
+                            prompt_ids=[*prefix, *p.suffix_ids],
+                            label_ids=p.label_ids,
+                            adapter=p.adapter,
+                            cache_salt=tenant.cache_salt,
+                        )
+                    )
+                )
+                for p in policies
+            ]
+            timeout = (timeout_ms or self.default_timeout_ms) / 1000
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            results: list[EvalResult | BaseException] = []
+            for task in tasks:
+                if task in pending:
+                    results.append(TimeoutError(f"no verdict within the {timeout * 1000:.0f} ms deadline"))
+                else:
+                    exc = task.exception()
+                    results.append(exc if exc is not None else task.result())
+            return results
+        finally:
+            await self.registry.release(policies)
+
+
+def _verdict(policy: LoadedPolicy, result: EvalResult | BaseException, enforced: bool) -> Verdict:
+    manifest = policy.manifest
+    if isinstance(result, BaseException):
+        kind = {
+            TimeoutError: "timeout",
+            EvaluationError: "invalid_request",
+            EngineError: "engine_error",
+        }.get(type(result), "internal_error")
+        return Verdict(
+            policy=manifest.name,
+            version=manifest.version,
+            outcome="error",
+            threshold=manifest.threshold,
+            enforced=enforced,
+            error=VerdictError(type=kind, message=str(result) or type(result).__name__),
+        )
+    probs = result.probabilities
+    score = probs[manifest.block_index]
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return Verdict(
+        policy=manifest.name,
+        version=manifest.version,
+        outcome="block" if score >= manifest.threshold else "allow",
+        label=manifest.labels[best],
+        score=score,
+        threshold=manifest.threshold,
+        enforced=enforced,
+        latency_ms=result.latency_s * 1000,
+        prompt_tokens=result.prompt_tokens,
+        cached_tokens=result.cached_tokens,
+    )
+

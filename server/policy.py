@@ -1,5 +1,8 @@
 """A policy on disk: a PEFT adapter folder plus ``guardkit-policy.json``.
 
+Method ``base`` is a zero-shot policy: the manifest alone, judged by the base model with no
+adapter (a quick start before training, and the ideal-sharing baseline in benchmarks).
+
 The manifest says what the adapter judges (rule text, labels, which label blocks, threshold),
 how it was trained (method, base model, prompt-contract version) and its invocation ids.
 Training writes it; the server's registry reads and checks it.
@@ -17,7 +20,7 @@ from .contract import CONTRACT_VERSION, DEFAULT_LABELS, DEFAULT_QUESTION, Policy
 
 MANIFEST_FILE = "guardkit-policy.json"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
-Method = Literal["alora", "lora", "curlora"]
+Method = Literal["alora", "lora", "curlora", "base"]
 
 
 class PolicyError(ValueError):
@@ -57,15 +60,20 @@ class PolicyManifest(BaseModel):
             raise ValueError(f"block_label {self.block_label!r} is not one of labels {self.labels}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be distinct")
-        if self.method == "lora" and self.invocation_ids:
-            raise ValueError("a plain LoRA policy has no invocation ids")
-        if self.method != "lora" and not self.invocation_ids:
+        if self.method in ("lora", "base") and self.invocation_ids:
+            raise ValueError(f"a {self.method} policy has no invocation ids")
+        if self.activated and not self.invocation_ids:
             raise ValueError(f"a {self.method} policy needs its invocation_ids")
         return self
 
     @property
     def activated(self) -> bool:
-        return self.method != "lora"
+        """The adapter switches on at the invocation ids (aLoRA-style)."""
+        return self.method in ("alora", "curlora")
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.method != "base"
 
     def prompt(self) -> PolicyPrompt:
         return PolicyPrompt(

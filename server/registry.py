@@ -33,7 +33,7 @@ class LoadedPolicy:
 
     manifest: PolicyManifest
     folder: Path
-    adapter: Adapter
+    adapter: Adapter | None  # None: zero-shot on the base model
     suffix_ids: tuple[int, ...]
     label_ids: tuple[int, ...]
     loaded_at: float = field(default_factory=time.time)
@@ -88,6 +88,8 @@ class PolicyRegistry:
                 f"{where}: trained on base model {manifest.base_model.name} "
                 f"({manifest.base_model.fingerprint}), but this server runs {self.model.name} ({fp})"
             )
+        if not manifest.has_adapter:
+            return manifest, *self._prompt_ids(manifest, where)
         try:
             info = inspect_adapter(folder, self.model, self.engine.config.max_lora_rank)
         except AdapterError as exc:
@@ -105,12 +107,15 @@ class PolicyRegistry:
                 )
         elif info.invocation_ids is not None:
             raise PolicyError(f"{where}: the manifest says lora, but the adapter is activated")
+        return manifest, *self._prompt_ids(manifest, where)
+
+    def _prompt_ids(self, manifest: PolicyManifest, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         try:
-            labels = tuple(self.contract.label_token_ids(manifest.labels))
             suffix = tuple(self.contract.suffix_ids(manifest.prompt()))
+            labels = tuple(self.contract.label_token_ids(manifest.labels))
         except ContractError as exc:
             raise PolicyError(f"{where}: {exc}") from None
-        return manifest, suffix, labels
+        return suffix, labels
 
     # ---------------------------------------------------------------- mutation
     async def load(self, folder: str | Path, replace: bool = False) -> LoadedPolicy:
@@ -124,13 +129,15 @@ class PolicyRegistry:
                     f"a policy named {manifest.name!r} is already loaded (from {old.folder}); "
                     "remove it first or replace it"
                 )
-            engine_name = f"{manifest.name}@{manifest.version}#{next(self._serial)}"
-            try:
-                adapter = await self.engine.add_adapter(
-                    engine_name, str(folder), manifest.base_model.fingerprint
-                )
-            except AdapterError as exc:
-                raise PolicyError(f"policy {manifest.name!r} ({folder}): {exc}") from None
+            adapter = None
+            if manifest.has_adapter:
+                engine_name = f"{manifest.name}@{manifest.version}#{next(self._serial)}"
+                try:
+                    adapter = await self.engine.add_adapter(
+                        engine_name, str(folder), manifest.base_model.fingerprint
+                    )
+                except AdapterError as exc:
+                    raise PolicyError(f"policy {manifest.name!r} ({folder}): {exc}") from None
             policy = LoadedPolicy(
                 manifest=manifest, folder=folder, adapter=adapter, suffix_ids=suffix,
                 label_ids=labels, stamp=_stamp(folder),
@@ -207,7 +214,7 @@ class PolicyRegistry:
     async def release(self, policies: Iterable[LoadedPolicy]) -> None:
         for p in policies:
             p.in_flight -= 1
-            if p.retired and p.in_flight == 0:
+            if p.retired and p.in_flight == 0 and p.adapter is not None:
                 await self.engine.remove_adapter(p.adapter)
 
     # ----------------------------------------------------------------- helpers
@@ -216,5 +223,5 @@ class PolicyRegistry:
 
     async def _retire(self, policy: LoadedPolicy) -> None:
         policy.retired = True
-        if policy.in_flight == 0:
+        if policy.in_flight == 0 and policy.adapter is not None:
             await self.engine.remove_adapter(policy.adapter)

@@ -150,12 +150,12 @@ def build_policy(
     name: str,
     *,
     seed: int,
-    activated: bool = True,
+    method: str = "alora",
     threshold: float = 0.5,
     rule: str | None = None,
     version: str = "1",
 ) -> Path:
-    """A policy folder (adapter + guardkit-policy.json) for the tiny model."""
+    """A policy folder (adapter + guardkit-policy.json) for a tiny model; "base": manifest only."""
     from transformers import AutoTokenizer
 
     from guardkit_server.adapters import fingerprint
@@ -163,13 +163,16 @@ def build_policy(
     from guardkit_server.policy import BaseModelRef, PolicyManifest, write_manifest
 
     invocation = list(PromptContract(AutoTokenizer.from_pretrained(model_dir)).default_invocation_ids)
-    build_adapter(model_dir, out, invocation if activated else None, seed=seed)
+    activated = method == "alora"
+    out.mkdir(parents=True, exist_ok=True)
+    if method != "base":
+        build_adapter(model_dir, out, invocation if activated else None, seed=seed)
     manifest = PolicyManifest(
         name=name,
         version=version,
         rule=rule or f"The conversation must not break test rule {name}.",
         threshold=threshold,
-        method="alora" if activated else "lora",
+        method=method,
         base_model=BaseModelRef(name=model_dir.name, fingerprint=fingerprint(model_dir)),
         invocation_ids=invocation if activated else None,
     )

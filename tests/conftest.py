@@ -143,15 +143,16 @@ def guard_server(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory):
     builders.build_policy(q, policies / "always", "always", seed=101, threshold=0.0)
     builders.build_policy(q, policies / "never", "never", seed=102, threshold=1.0)
     builders.build_policy(q, policies / "coin", "coin", seed=103, threshold=0.5)
-    builders.build_policy(q, policies / "plain", "plain", seed=104, activated=False)
+    builders.build_policy(q, policies / "plain", "plain", seed=104, method="lora")
     builders.build_policy(q, spare / "extra", "extra", seed=105)
     builders.build_policy(q, spare / "extra-v2", "extra", seed=106, version="2")
     builders.build_policy(tiny.llama, spare / "llama-policy", "llama-policy", seed=107)
-    no_inv = builders.build_policy(q, spare / "no-invocation", "no-invocation", seed=108, activated=False)
+    no_inv = builders.build_policy(q, spare / "no-invocation", "no-invocation", seed=108, method="lora")
     manifest = json.loads((no_inv / "guardkit-policy.json").read_text())
     manifest.update(method="alora", invocation_ids=tiny.invocation)
     (no_inv / "guardkit-policy.json").write_text(json.dumps(manifest))
     builders.build_policy(q, spare / "always-dup", "always", seed=109)
+    builders.build_policy(q, spare / "zeroshot", "zeroshot", seed=0, method="base")
 
     port = free_port()
     keys = {"tenant-a": "key-a", "tenant-b": "key-b"}

@@ -230,6 +230,18 @@ async def test_add_replace_remove_at_runtime_is_atomic(guard_server):
     assert httpx.delete(f"{guard_server.url}/v1/policies/extra", headers=guard_server.admin_headers()).status_code == 404
 
 
+async def test_zero_shot_policy_is_the_base_model(guard_server, engine, contract):
+    created = load(guard_server, guard_server.spare_dir / "zeroshot")
+    assert created.status_code == 201, created.text
+    assert created.json()["method"] == "base" and not created.json()["activated"]
+    messages = conversation(2)
+    result = GuardResult.model_validate(guard(guard_server, {"messages": messages, "policies": ["zeroshot"]}).json())
+    manifest = load_manifest(guard_server.spare_dir / "zeroshot")
+    direct = await engine.evaluate(Evaluation(contract.build(messages, manifest.prompt()).ids, contract.label_token_ids()))
+    assert result.verdicts[0].score == pytest.approx(direct.probabilities[0], abs=1e-4)
+    assert httpx.delete(f"{guard_server.url}/v1/policies/zeroshot", headers=guard_server.admin_headers()).status_code == 200
+
+
 def test_rescan_adds_and_removes(guard_server):
     target = guard_server.policy_dir / "rescanned"
     shutil.copytree(guard_server.spare_dir / "extra", target)

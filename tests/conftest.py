@@ -17,6 +17,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import builders  # noqa: E402
 
+pytest_plugins = ["sdk_fixtures"]
+
 
 @dataclass
 class TinyAssets:

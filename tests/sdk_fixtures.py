@@ -1,0 +1,1 @@
+"""Fixtures for the SDK and integration tests (a local OpenAI-compatible endpoint, clients)."""

@@ -1,0 +1,81 @@
+"""Binary classification metrics for a policy's block score, including calibration."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Metrics:
+    n: int
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    confusion: dict[str, int]  # tp, fp, tn, fn (positive = the block label)
+    threshold: float
+    positives: int
+    brier: float  # mean squared error of the block probability
+    ece: float  # expected calibration error, equal-width bins
+    log_loss: float
+    reliability: list[dict[str, float]] = field(default_factory=list)  # per bin: mean score, rate, n
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self) -> str:
+        c = self.confusion
+        return (
+            f"n={self.n} accuracy={self.accuracy:.3f} precision={self.precision:.3f} "
+            f"recall={self.recall:.3f} F1={self.f1:.3f} (tp={c['tp']} fp={c['fp']} tn={c['tn']} "
+            f"fn={c['fn']}) ECE={self.ece:.3f} Brier={self.brier:.3f}"
+        )
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else 0.0
+
+
+def compute_metrics(
+    scores: Sequence[float], truth: Sequence[bool], threshold: float = 0.5, bins: int = 10
+) -> Metrics:
+    """``scores``: probability of the block label; ``truth``: whether the block label is correct."""
+    if len(scores) != len(truth):
+        raise ValueError("scores and labels differ in length")
+    if not scores:
+        raise ValueError("no scores to evaluate")
+    tp = fp = tn = fn = 0
+    for s, t in zip(scores, truth):
+        pred = s >= threshold
+        if pred and t:
+            tp += 1
+        elif pred:
+            fp += 1
+        elif t:
+            fn += 1
+        else:
+            tn += 1
+    n = len(scores)
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    brier = sum((s - float(t)) ** 2 for s, t in zip(scores, truth)) / n
+    eps = 1e-6
+    log_loss = -sum(math.log(max(s, eps)) if t else math.log(max(1 - s, eps)) for s, t in zip(scores, truth)) / n
+    reliability, ece = [], 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, s in enumerate(scores) if (lo <= s < hi) or (b == bins - 1 and s == 1.0)]
+        if not idx:
+            continue
+        conf = sum(scores[i] for i in idx) / len(idx)
+        rate = sum(1 for i in idx if truth[i]) / len(idx)
+        ece += len(idx) / n * abs(conf - rate)
+        reliability.append({"lo": lo, "hi": hi, "mean_score": conf, "positive_rate": rate, "n": len(idx)})
+    return Metrics(
+        n=n, accuracy=(tp + tn) / n, precision=precision, recall=recall, f1=f1,
+        confusion={"tp": tp, "fp": fp, "tn": tn, "fn": fn}, threshold=threshold,
+        positives=tp + fn, brier=brier, ece=ece, log_loss=log_loss, reliability=reliability,
+    )

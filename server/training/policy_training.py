@@ -1,0 +1,185 @@
+"""Labelled conversations in, a servable policy folder out (adapter + manifest + training log)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import fingerprint
+from ..contract import DEFAULT_LABELS, DEFAULT_QUESTION, ContractError, PolicyPrompt, PromptContract
+from ..policy import BaseModelRef, PolicyError, PolicyManifest, load_manifest, write_manifest
+from .examples import DataError, Example, check_labels_present, encode_all
+from .trainer import (
+    TrainConfig,
+    TrainLog,
+    TrainResult,
+    build_adapted,
+    environment,
+    read_state,
+    restore,
+    restore_from_peft,
+    spec_from,
+    train,
+    write_log,
+    write_policy_folder,
+)
+
+
+@dataclass
+class PolicySpec:
+    """What the policy judges; written to the manifest."""
+
+    name: str
+    rule: str
+    description: str = ""
+    question: str = DEFAULT_QUESTION
+    labels: tuple[str, ...] = DEFAULT_LABELS
+    block_label: str = "Yes"
+    threshold: float = 0.5
+    version: str = "1"
+
+    def prompt(self, invocation_ids: tuple[int, ...] | None = None) -> PolicyPrompt:
+        return PolicyPrompt(rule=self.rule, invocation_ids=invocation_ids, labels=tuple(self.labels), question=self.question)
+
+
+@dataclass
+class TrainJob:
+    model_dir: str
+    out: Path
+    policy: PolicySpec
+    config: TrainConfig
+    train: Sequence[Example]
+    validation: Sequence[Example] = ()
+    datasets: dict[str, Any] = field(default_factory=dict)  # provenance for the manifest
+    continue_from: Path | None = None
+    save_dtype: str = "fp32"
+    save_state: bool = True
+    progress: bool = True
+
+
+@dataclass
+class TrainOutcome:
+    folder: Path
+    manifest: PolicyManifest
+    result: TrainResult
+    log: TrainLog
+
+
+def policy_from_manifest(manifest: PolicyManifest) -> PolicySpec:
+    return PolicySpec(
+        name=manifest.name, rule=manifest.rule, description=manifest.description,
+        question=manifest.question, labels=tuple(manifest.labels), block_label=manifest.block_label,
+        threshold=manifest.threshold, version=manifest.version,
+    )
+
+
+def config_for_continuation(folder: Path, config: TrainConfig) -> tuple[TrainConfig, PolicyManifest]:
+    """The adapter shape (method, rank, alpha, targets) comes from the policy being continued."""
+    try:
+        manifest = load_manifest(folder)
+    except PolicyError as exc:
+        raise DataError(str(exc)) from None
+    saved = manifest.training.get("config", {})
+    shape = {k: saved[k] for k in ("rank", "alpha", "target_modules") if k in saved}
+    if "target_modules" in shape:
+        shape["target_modules"] = tuple(shape["target_modules"])
+    return replace(config, method=manifest.method, **shape), manifest
+
+
+def run(job: TrainJob) -> TrainOutcome:
+    config = job.config
+    previous: PolicyManifest | None = None
+    if job.continue_from is not None:
+        config, previous = config_for_continuation(Path(job.continue_from), config)
+    config.check()
+    contract = PromptContract.from_pretrained(job.model_dir)
+    policy = job.policy
+    try:
+        label_ids = contract.label_token_ids(policy.labels)
+    except ContractError as exc:
+        raise DataError(str(exc)) from None
+    if policy.block_label not in policy.labels:
+        raise DataError(f"block label {policy.block_label!r} is not one of the labels {list(policy.labels)}")
+    prompt = policy.prompt()
+    check_labels_present(job.train, policy.labels, "training data")
+    train_data = encode_all(contract, job.train, prompt, config.max_prompt_tokens)
+    val_data = encode_all(contract, job.validation, prompt, config.max_prompt_tokens) if job.validation else []
+
+    base_fp = fingerprint(Path(job.model_dir))
+    spec = spec_from(config, prompt, contract)
+    adapted = build_adapted(job.model_dir, contract, spec, config.seed, config.torch_dtype)
+    start_step, optimizer_state, history = 0, None, {}
+    if job.continue_from is not None and previous is not None:
+        if previous.base_model.fingerprint and previous.base_model.fingerprint != base_fp:
+            raise DataError(f"{job.continue_from}: trained on another base model ({previous.base_model.fingerprint})")
+        state = read_state(Path(job.continue_from))
+        if state is not None:
+            try:
+                restore(adapted, state)
+            except ValueError as exc:
+                raise DataError(f"{job.continue_from}: {exc}") from None
+            start_step, optimizer_state = state.step, state.optimizer
+        else:
+            restore_from_peft(adapted, Path(job.continue_from))
+            start_step = int(previous.training.get("steps", 0))
+        history = previous.training
+
+    result = train(
+        adapted, config, train_data, label_ids, val_data=val_data, start_step=start_step,
+        optimizer_state=optimizer_state, progress=job.progress,
+    )
+    folder = Path(job.out)
+    save_dtype = torch.bfloat16 if job.save_dtype == "bf16" else torch.float32
+    meta = {"config": _config_dict(config), "seed": config.seed}
+    write_policy_folder(
+        folder, result, base_model_name=Path(job.model_dir).name, save_dtype=save_dtype,
+        save_state_too=job.save_state, meta=meta,
+    )
+    training: dict[str, Any] = {
+        "config": _config_dict(config),
+        "seed": config.seed,
+        "steps": result.step,
+        "steps_this_run": len(result.log.steps),
+        "datasets": job.datasets,
+        "examples": {"train": len(train_data), "validation": len(val_data)},
+        "validation": result.val,
+        "train_seconds": round(result.log.seconds, 1),
+        "environment": environment(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "save_dtype": job.save_dtype,
+    }
+    if job.continue_from is not None:
+        training["continued_from"] = {
+            "policy": str(job.continue_from),
+            "steps": start_step,
+            "datasets": history.get("datasets"),
+            "history": history.get("continued_from"),
+        }
+    manifest = PolicyManifest(
+        name=policy.name,
+        version=policy.version,
+        description=policy.description,
+        rule=policy.rule,
+        question=policy.question,
+        labels=list(policy.labels),
+        block_label=policy.block_label,
+        threshold=policy.threshold,
+        method=config.method,  # type: ignore[arg-type]
+        base_model=BaseModelRef(name=Path(job.model_dir).name, fingerprint=base_fp),
+        invocation_ids=list(spec.invocation_ids) if spec.invocation_ids else None,
+        training=training,
+    )
+    write_manifest(folder, manifest)
+    write_log(folder, result.log, f"{policy.name} ({config.method}, rank {config.rank})")
+    return TrainOutcome(folder, manifest, result, result.log)
+
+
+def _config_dict(config: TrainConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["target_modules"] = list(config.target_modules)
+    return d

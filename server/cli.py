@@ -35,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine = start.add_argument_group("engine (passed to vLLM)")
     engine.add_argument("--dtype", default="auto")
     engine.add_argument("--max-model-len", type=int, default=8192)
-    engine.add_argument("--max-loras", type=int, default=16, help="adapters in one batch")
-    engine.add_argument("--max-cpu-loras", type=int, help="adapters kept loaded")
+    engine.add_argument(
+        "--max-loras", type=int,
+        help="adapters in one engine batch (default: the policies at start + 16, at least 16)",
+    )
+    engine.add_argument("--max-cpu-loras", type=int, help="adapters kept loaded (default: as above)")
     engine.add_argument("--max-lora-rank", type=int, default=16)
     engine.add_argument("--kv-cache-dtype", default="auto", help="e.g. fp8 on GPU")
     engine.add_argument("--kv-cache-memory-gb", type=float, help="CPU KV cache size (default 1)")

@@ -27,8 +27,8 @@ class ServerConfig(BaseModel):
     # engine knobs, passed through to EngineConfig
     dtype: str = "auto"
     max_model_len: int = 8192
-    max_loras: int = 16
-    max_cpu_loras: int | None = None
+    max_loras: int | None = None  # default: every policy of a call fits one batch
+    max_cpu_loras: int | None = None  # default: every loaded policy stays resident
     max_lora_rank: int = 16
     kv_cache_dtype: str = "auto"
     kv_cache_memory_gb: float | None = None

@@ -51,26 +51,14 @@ def _stamp(folder: Path) -> float:
     return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
 
 
-class PolicyRegistry:
-    def __init__(
-        self, engine: GuardEngine, contract: PromptContract, model: ModelInfo
-    ) -> None:
-        self.engine = engine
+class PolicyChecker:
+    """Everything about a policy folder that can be checked without the engine."""
+
+    def __init__(self, contract: PromptContract, model: ModelInfo, max_lora_rank: int) -> None:
         self.contract = contract
         self.model = model
-        self._policies: Mapping[str, LoadedPolicy] = MappingProxyType({})
-        self._lock = asyncio.Lock()
-        self._serial = itertools.count(1)
-        self.directories: list[Path] = []
+        self.max_lora_rank = max_lora_rank
 
-    # ------------------------------------------------------------------- reading
-    def snapshot(self) -> Mapping[str, LoadedPolicy]:
-        return self._policies
-
-    def __len__(self) -> int:
-        return len(self._policies)
-
-    # --------------------------------------------------------------- validation
     def check(self, folder: Path) -> tuple[PolicyManifest, tuple[int, ...], tuple[int, ...]]:
         """Everything that can be checked without the engine; raises PolicyError."""
         if not folder.is_dir():
@@ -91,7 +79,7 @@ class PolicyRegistry:
         if not manifest.has_adapter:
             return manifest, *self._prompt_ids(manifest, where)
         try:
-            info = inspect_adapter(folder, self.model, self.engine.config.max_lora_rank)
+            info = inspect_adapter(folder, self.model, self.max_lora_rank)
         except AdapterError as exc:
             raise PolicyError(f"{where}: {exc}") from None
         if manifest.activated:
@@ -117,11 +105,45 @@ class PolicyRegistry:
             raise PolicyError(f"{where}: {exc}") from None
         return suffix, labels
 
+    def check_directory(self, directory: str | Path) -> list[Path]:
+        """Check every policy folder in a directory (no engine needed); raise on the first bad one."""
+        directory = Path(directory).expanduser().resolve()
+        if not directory.is_dir():
+            raise PolicyError(f"{directory}: policy directory does not exist")
+        folders = sorted(p for p in directory.iterdir() if (p / MANIFEST_FILE).exists())
+        names: dict[str, Path] = {}
+        for folder in folders:
+            manifest, _, _ = self.check(folder)
+            if manifest.name in names:
+                raise DuplicatePolicyError(
+                    f"{folder}: policy name {manifest.name!r} is also used by {names[manifest.name]}"
+                )
+            names[manifest.name] = folder
+        return folders
+
+
+class PolicyRegistry:
+    def __init__(self, engine: GuardEngine, checker: PolicyChecker) -> None:
+        self.engine = engine
+        self.checker = checker
+        self.model = checker.model
+        self._policies: Mapping[str, LoadedPolicy] = MappingProxyType({})
+        self._lock = asyncio.Lock()
+        self._serial = itertools.count(1)
+        self.directories: list[Path] = []
+
+    # ------------------------------------------------------------------- reading
+    def snapshot(self) -> Mapping[str, LoadedPolicy]:
+        return self._policies
+
+    def __len__(self) -> int:
+        return len(self._policies)
+
     # ---------------------------------------------------------------- mutation
     async def load(self, folder: str | Path, replace: bool = False) -> LoadedPolicy:
         """Check and load one policy folder; nothing changes unless all of it succeeds."""
         folder = Path(folder).expanduser().resolve()
-        manifest, suffix, labels = self.check(folder)
+        manifest, suffix, labels = self.checker.check(folder)
         async with self._lock:
             old = self._policies.get(manifest.name)
             if old is not None and not replace:
@@ -156,26 +178,10 @@ class PolicyRegistry:
         await self._retire(old)
         return old
 
-    def check_directory(self, directory: str | Path) -> list[Path]:
-        """Check every policy folder in a directory (no engine needed); raise on the first bad one."""
-        directory = Path(directory).expanduser().resolve()
-        if not directory.is_dir():
-            raise PolicyError(f"{directory}: policy directory does not exist")
-        folders = sorted(p for p in directory.iterdir() if (p / MANIFEST_FILE).exists())
-        names: dict[str, Path] = {}
-        for folder in folders:
-            manifest, _, _ = self.check(folder)
-            if manifest.name in names:
-                raise DuplicatePolicyError(
-                    f"{folder}: policy name {manifest.name!r} is also used by {names[manifest.name]}"
-                )
-            names[manifest.name] = folder
-        return folders
-
     async def load_directory(self, directory: str | Path) -> list[LoadedPolicy]:
         """Load every policy folder in a directory; fails (loading nothing new) on a bad one."""
         directory = Path(directory).expanduser().resolve()
-        folders = self.check_directory(directory)  # all-or-nothing: check before loading any
+        folders = self.checker.check_directory(directory)  # all-or-nothing: check before loading any
         loaded = [await self.load(folder) for folder in folders]
         if directory not in self.directories:
             self.directories.append(directory)

@@ -15,7 +15,7 @@ from ..engine import EngineConfig, GuardEngine
 from ..fanout import FanOut
 from ..metrics import Metrics
 from ..policy import PolicyError
-from ..registry import PolicyRegistry
+from ..registry import PolicyChecker, PolicyRegistry
 from .errors import error_response, install_error_handlers
 from .router import router
 
@@ -58,10 +58,19 @@ class GuardServer:
             contract.chat_format  # noqa: B018 - fail now on a template the contract cannot use
         except Exception as exc:
             raise StartupError(f"cannot load the tokenizer of {model_path}: {exc}") from None
+        dirs = self.policy_dirs(model_path)
+        checker = PolicyChecker(contract, ModelInfo.from_path(model_path), c.max_lora_rank)
+        try:  # every policy is checked before the engine starts: fail fast, load nothing
+            folders = [f for d in dirs for f in checker.check_directory(d)]
+        except PolicyError as exc:
+            raise StartupError(str(exc)) from None
+        # Every policy of a call should fit one engine batch, and every loaded policy should stay
+        # resident: room for the policies found at start plus some added at runtime.
+        slots = max(16, len(folders) + 16)
         self.engine = GuardEngine(
             EngineConfig(
                 model=model_path, dtype=c.dtype, max_model_len=c.max_model_len,
-                max_loras=c.max_loras, max_cpu_loras=c.max_cpu_loras,
+                max_loras=c.max_loras or slots, max_cpu_loras=c.max_cpu_loras or slots,
                 max_lora_rank=c.max_lora_rank, kv_cache_dtype=c.kv_cache_dtype,
                 kv_cache_memory_gb=c.kv_cache_memory_gb, block_size=c.block_size,
                 tensor_parallel_size=c.tensor_parallel_size,
@@ -69,15 +78,8 @@ class GuardServer:
                 gpu_memory_utilization=c.gpu_memory_utilization,
             )
         )
-        model = self.engine.model
-        self.model_name = model.name
-        self.registry = PolicyRegistry(self.engine, contract, model)
-        dirs = self.policy_dirs(model_path)
-        try:  # every policy is checked before the engine starts: fail fast, load nothing
-            for directory in dirs:
-                self.registry.check_directory(directory)
-        except PolicyError as exc:
-            raise StartupError(str(exc)) from None
+        self.model_name = checker.model.name
+        self.registry = PolicyRegistry(self.engine, checker)
         try:
             await self.engine.start()
         except Exception as exc:

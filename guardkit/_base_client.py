@@ -1,0 +1,307 @@
+"""The core both clients share: request building, the retry policy, the deadline, parsing.
+
+``Guardkit`` and ``AsyncGuardkit`` differ only in how they send (httpx.Client / AsyncClient,
+tenacity's Retrying / AsyncRetrying); everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, Union
+
+import httpx
+from pydantic import BaseModel, ValidationError
+from tenacity import RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from ._constants import (
+    API_KEY_ENV,
+    BASE_URL_ENV,
+    DEFAULT_BASE_URL,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    INITIAL_RETRY_DELAY,
+    LOGGER_NAME,
+    MAX_RETRY_DELAY,
+    RETRYABLE_STATUS,
+    SERVER_DEADLINE_SHARE,
+)
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    status_error_class,
+)
+from ._messages import MessagesInput, to_messages
+from ._selection import PolicySelection, PolicySpec, select
+from ._turn import decide, is_unavailable, log_allowed_on_error, unavailable_result
+from ._version import __version__
+from .types import ErrorResponse, GuardRequest, GuardResult, OnError, Stage, Verdict
+
+logger = logging.getLogger(LOGGER_NAME)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+HttpClientT = TypeVar("HttpClientT", httpx.Client, httpx.AsyncClient)
+
+OnBlock = Callable[[GuardResult], Union[None, Awaitable[None]]]
+OnVerdict = Callable[[Verdict, GuardResult], Union[None, Awaitable[None]]]
+
+
+class NotGiven:
+    """A default that means "not passed", where None means something (no deadline)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = NotGiven()
+Timeout = Union[float, None]
+
+
+class Deadline:
+    """A point in time after which a call gives up (None: never)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, seconds: float | None) -> None:
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else self.at - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+
+@dataclass(frozen=True)
+class FinalRequest:
+    method: str
+    path: str
+    cast_to: type[BaseModel] | None
+    body: BaseModel | None = None
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))
+    max_retries: int = DEFAULT_MAX_RETRIES
+    # POST /v1/guard: hand what is left of the deadline to the server as timeout_ms.
+    server_deadline: bool = False
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """A turn-level check, ready to send, and what is needed to decide on its answer."""
+
+    selection: PolicySelection
+    request: FinalRequest
+    stage: Stage | None
+    judged_messages: int
+    raise_on_block: bool
+    on_block: OnBlock | None
+    on_verdict: OnVerdict | None
+
+
+class BaseClient(Generic[HttpClientT]):
+    _http: HttpClientT
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: Timeout,
+        max_retries: int,
+        default_headers: Mapping[str, str] | None,
+        on_error: OnError,
+        on_block: OnBlock | None,
+        on_verdict: OnVerdict | None,
+    ) -> None:
+        self.base_url = httpx.URL((base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).rstrip("/") + "/")
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.default_headers = dict(default_headers or {})
+        self.on_error: OnError = on_error
+        self.on_block = on_block
+        self.on_verdict = on_verdict
+
+    # ------------------------------------------------------------------ options
+    def _copy_settings(self) -> dict[str, Any]:
+        return dict(
+            base_url=str(self.base_url), api_key=self.api_key, timeout=self.timeout,
+            max_retries=self.max_retries, default_headers=self.default_headers,
+            on_error=self.on_error, on_block=self.on_block, on_verdict=self.on_verdict,
+        )
+
+    def _deadline(self, timeout: Timeout | NotGiven) -> Deadline:
+        return Deadline(self.timeout if isinstance(timeout, NotGiven) else timeout)
+
+    # --------------------------------------------------------- request building
+    @property
+    def _headers(self) -> dict[str, str]:
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": f"guardkit-python/{__version__} ({platform.python_implementation()} {platform.python_version()})",
+            **self.default_headers,
+        }
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _build_request(self, req: FinalRequest) -> httpx.Request:
+        remaining = req.deadline.remaining()
+        if remaining is not None and remaining <= 0:
+            raise APITimeoutError()
+        content: bytes | None = None
+        if req.body is not None:
+            body = req.body
+            if req.server_deadline and remaining is not None:
+                ms = max(1, int(remaining * 1000 * SERVER_DEADLINE_SHARE))
+                current = getattr(body, "timeout_ms", None)
+                if current is None or current > ms:
+                    body = body.model_copy(update={"timeout_ms": ms})
+            content = body.model_dump_json(exclude_none=True).encode()
+        headers = self._headers
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        return self._http.build_request(
+            req.method, self.base_url.join(req.path.lstrip("/")), content=content, headers=headers,
+            timeout=httpx.Timeout(remaining),
+        )
+
+    # ------------------------------------------------------------- retry policy
+    def _retry_kwargs(self, req: FinalRequest) -> dict[str, Any]:
+        backoff = wait_exponential_jitter(initial=INITIAL_RETRY_DELAY, max=MAX_RETRY_DELAY, jitter=INITIAL_RETRY_DELAY)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            delay = _retry_after(exc)
+            delay = backoff(state) if delay is None else delay
+            remaining = req.deadline.remaining()
+            return delay if remaining is None else max(0.0, min(delay, remaining))
+
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            logger.info(
+                "guardkit: retrying %s %s (attempt %d of %d) in %.2f s after %s: %s",
+                req.method, req.path, state.attempt_number + 1, req.max_retries + 1,
+                state.upcoming_sleep, type(exc).__name__, exc,
+            )
+
+        return dict(
+            stop=stop_after_attempt(req.max_retries + 1) | (lambda _: req.deadline.expired()),
+            wait=wait,
+            retry=retry_if_exception(_is_retryable),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+
+    # ---------------------------------------------------------- response parsing
+    def _process_response(self, response: httpx.Response, cast_to: type[ModelT] | None) -> Any:
+        """The parsed answer (``cast_to``, or plain JSON without one); error statuses raise."""
+        if response.status_code >= 400:
+            raise _status_error(response)
+        try:
+            if cast_to is None:
+                return response.json()
+            return cast_to.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise APIResponseValidationError(
+                f"guardkit-server's answer is not a valid {cast_to.__name__}: {exc.errors()[0]['msg']}",
+                response=response,
+            ) from None
+        except ValueError as exc:
+            raise APIResponseValidationError(f"guardkit-server's answer is not JSON: {exc}", response=response) from None
+
+    @staticmethod
+    def _transport_error(exc: httpx.HTTPError, request: httpx.Request | None) -> APIError:
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(f"no answer within the deadline ({type(exc).__name__})", request=request)
+        return APIConnectionError(f"cannot reach guardkit-server: {type(exc).__name__}: {exc}", request=request)
+
+    # -------------------------------------------------------- turn-level checks
+    def _plan_check(
+        self,
+        messages: MessagesInput,
+        *,
+        policies: PolicySpec,
+        monitor: Iterable[str],
+        on_error: OnError | Mapping[str, OnError] | None,
+        stage: Stage | None,
+        timeout: Timeout | NotGiven,
+        max_retries: int | NotGiven,
+        raise_on_block: bool,
+        on_block: OnBlock | None | NotGiven,
+        on_verdict: OnVerdict | None | NotGiven,
+    ) -> CheckPlan:
+        selection = select(policies, monitor=monitor, on_error=on_error, default_on_error=self.on_error)
+        converted = to_messages(messages)
+        request = FinalRequest(
+            "POST", "/v1/guard", GuardResult, selection.request(converted, stage=stage),
+            deadline=self._deadline(timeout),
+            max_retries=self.max_retries if isinstance(max_retries, NotGiven) else max_retries,
+            server_deadline=True,
+        )
+        return CheckPlan(
+            selection, request, stage, len(converted), raise_on_block,
+            self.on_block if isinstance(on_block, NotGiven) else on_block,
+            self.on_verdict if isinstance(on_verdict, NotGiven) else on_verdict,
+        )
+
+    @staticmethod
+    def _decide(plan: CheckPlan, answer: GuardResult | APIError) -> GuardResult:
+        if isinstance(answer, APIError):
+            if not is_unavailable(answer):
+                raise answer
+            result = unavailable_result(
+                plan.selection, answer, stage=plan.stage, judged_messages=plan.judged_messages
+            )
+            if result.blocked:
+                logger.error(
+                    "guardkit: blocked %s turn: no verdict from guardkit-server (on_error='block'): %s: %s",
+                    plan.stage or "a", type(answer).__name__, answer,
+                )
+        else:
+            result = decide(answer, plan.selection)
+        log_allowed_on_error(result)
+        return result
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, APITimeoutError):
+        return False  # the deadline is spent
+    if isinstance(exc, APIConnectionError):
+        return True
+    return isinstance(exc, APIStatusError) and exc.status_code in RETRYABLE_STATUS
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    if not isinstance(exc, APIStatusError):
+        return None
+    value = exc.response.headers.get("retry-after")
+    try:
+        return min(float(value), MAX_RETRY_DELAY * 5) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _status_error(response: httpx.Response) -> APIStatusError:
+    cls = status_error_class(response.status_code)
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    try:
+        detail = ErrorResponse.model_validate(body).error
+        message, type_, param = detail.message, detail.type, detail.param
+    except ValidationError:
+        message, type_, param = (str(body)[:500] or response.reason_phrase), None, None
+    return cls(message, response=response, body=body, type=type_, param=param)

@@ -1,0 +1,225 @@
+"""Errors raised by the guardkit SDK.
+
+A blocked turn is a policy outcome, not a failure: it has its own branch, apart from the
+infrastructure errors of talking to guardkit-server.
+
+    GuardkitError
+    ├── GuardBlocked                 a policy (or fail-closed error handling) blocked the turn
+    │   ├── InputBlocked             ... before the LLM call: the LLM never saw it
+    │   └── OutputBlocked            ... after (or during) the LLM call: the caller never sees it
+    ├── InvalidInputError            the SDK cannot turn what it was given into a guard request
+    └── APIError                     talking to guardkit-server failed
+        ├── APIConnectionError       no answer (connection refused, reset, DNS ...)
+        │   └── APITimeoutError      the call's deadline passed
+        ├── APIResponseValidationError   an answer that is not the protocol
+        └── APIStatusError           an error status; ``status_code``, ``type``, ``param``
+            ├── BadRequestError          400 (malformed JSON, too many policies ...)
+            ├── AuthenticationError      401
+            ├── PermissionDeniedError    403
+            ├── NotFoundError            404 (unknown policy)
+            ├── ConflictError            409 (policy already loaded)
+            ├── RequestTooLargeError     413 (conversation longer than the model's context)
+            ├── UnprocessableEntityError 422 (request validation)
+            ├── RateLimitError           429   (retried)
+            └── InternalServerError      5xx   (retried)
+                └── ServiceUnavailableError  503 (server starting)
+
+Connection errors, 429 and 5xx are retried with backoff inside the call's deadline; 4xx never.
+When a turn-level check (``check()``, ``guard()``, the LangChain middleware) cannot get a
+verdict after that, ``on_error`` decides: "block" turns it into a blocked result (raising
+``GuardBlocked`` where blocking raises, with the infrastructure error as ``__cause__``), "allow"
+lets the turn through and logs a warning on the ``guardkit`` logger. 4xx errors are mistakes in
+the request or the setup and always raise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from ._report import GuardReport
+    from .types import GuardResult, Stage
+
+__all__ = [
+    "GuardkitError",
+    "GuardBlocked",
+    "InputBlocked",
+    "OutputBlocked",
+    "InvalidInputError",
+    "APIError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "RequestTooLargeError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+    "ServiceUnavailableError",
+]
+
+
+class GuardkitError(Exception):
+    """Root of every error the SDK raises."""
+
+
+# ------------------------------------------------------------------ policy outcome
+class GuardBlocked(GuardkitError):
+    """The turn is blocked. ``result`` is the guard result that blocked it."""
+
+    def __init__(
+        self, result: GuardResult, *, stage: Stage | None = None, report: GuardReport | None = None
+    ) -> None:
+        self.result = result
+        self.stage: Stage | None = stage or result.stage
+        self.report = report
+        super().__init__(self._describe())
+
+    @property
+    def blocked_by(self) -> list[str]:
+        return self.result.blocked_by
+
+    def _describe(self) -> str:
+        where = f"{self.stage} " if self.stage else ""
+        if self.result.blocked_by:
+            return f"{where}blocked by {', '.join(self.result.blocked_by)}"
+        errors = ", ".join(self.result.errored) or "the guard call"
+        return f"{where}blocked: no verdict from {errors} (on_error='block')"
+
+
+class InputBlocked(GuardBlocked):
+    """The conversation was blocked before the LLM call."""
+
+
+class OutputBlocked(GuardBlocked):
+    """The LLM's answer was blocked before it reached the caller."""
+
+
+def blocked_error(
+    result: GuardResult, stage: Stage | None, report: GuardReport | None = None
+) -> GuardBlocked:
+    stage = stage or result.stage
+    cls = {"input": InputBlocked, "output": OutputBlocked}.get(stage or "", GuardBlocked)
+    return cls(result, stage=stage, report=report)
+
+
+class InvalidInputError(GuardkitError, ValueError):
+    """The messages (or other input) cannot be turned into a guard request."""
+
+
+# -------------------------------------------------------------------- infrastructure
+class APIError(GuardkitError):
+    """Talking to guardkit-server failed."""
+
+    def __init__(self, message: str, request: httpx.Request | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request = request
+
+
+class APIConnectionError(APIError):
+    def __init__(self, message: str = "connection error", *, request: httpx.Request | None = None) -> None:
+        super().__init__(message, request)
+
+
+class APITimeoutError(APIConnectionError):
+    def __init__(self, message: str = "the call's deadline passed", *, request: httpx.Request | None = None) -> None:
+        super().__init__(message, request=request)
+
+
+class APIResponseValidationError(APIError):
+    def __init__(self, message: str, *, response: httpx.Response) -> None:
+        super().__init__(message, response.request)
+        self.response = response
+        self.status_code = response.status_code
+
+
+class APIStatusError(APIError):
+    """guardkit-server answered with an error status."""
+
+    status_code: int = 0
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        response: httpx.Response,
+        body: Any = None,
+        type: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message, response.request)
+        self.response = response
+        self.status_code = response.status_code
+        self.body = body
+        self.type = type
+        self.param = param
+
+    def __str__(self) -> str:
+        return f"{self.status_code} {self.message}"
+
+
+class BadRequestError(APIStatusError):
+    status_code = 400
+
+
+class AuthenticationError(APIStatusError):
+    status_code = 401
+
+
+class PermissionDeniedError(APIStatusError):
+    status_code = 403
+
+
+class NotFoundError(APIStatusError):
+    status_code = 404
+
+
+class ConflictError(APIStatusError):
+    status_code = 409
+
+
+class RequestTooLargeError(APIStatusError):
+    status_code = 413
+
+
+class UnprocessableEntityError(APIStatusError):
+    status_code = 422
+
+
+class RateLimitError(APIStatusError):
+    status_code = 429
+
+
+class InternalServerError(APIStatusError):
+    status_code = 500
+
+
+class ServiceUnavailableError(InternalServerError):
+    status_code = 503
+
+
+STATUS_ERRORS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: RequestTooLargeError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+}
+
+
+def status_error_class(status: int) -> type[APIStatusError]:
+    if status in STATUS_ERRORS:
+        return STATUS_ERRORS[status]
+    return InternalServerError if status >= 500 else APIStatusError

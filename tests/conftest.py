@@ -125,13 +125,21 @@ def wait_ready(url: str, process, log: Path, timeout: float = 300.0) -> None:
     raise TimeoutError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+def _die_with_test_process() -> None:
+    """Linux: the child gets SIGTERM when the test process dies, even if it is killed."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_server_process(args: list[str], log: Path, env: dict | None = None):
     import subprocess
 
     return subprocess.Popen(
         [sys.executable, "-m", "guardkit_server.cli", "start", *args],
         stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {})}, preexec_fn=_die_with_test_process,
     )
 
 

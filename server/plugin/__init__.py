@@ -33,4 +33,27 @@ def register() -> None:
         cpu_lora.patch_cpu_punica()
     # The aLoRA mapping patch covers the V1 model runner; keep GPUs on it.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    _exit_with_parent()
     logger.debug("guardkit aLoRA plugin registered (pid %d)", os.getpid())
+
+
+def _exit_with_parent() -> None:
+    """In vLLM's child processes (engine core, workers): exit when the parent dies.
+
+    A front end killed with SIGKILL would otherwise leave its engine core and workers running,
+    holding the model and KV cache memory.
+    """
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:  # the front end itself (guardkit-server, a script): never
+        return
+
+    def watch() -> None:
+        from multiprocessing.connection import wait
+
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="guardkit-exit-with-parent", daemon=True).start()

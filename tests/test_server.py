@@ -270,3 +270,31 @@ def test_health_ready_metrics_openapi(guard_server):
         assert name in metrics, name
     spec = httpx.get(f"{guard_server.url}/openapi.json").json()
     assert "/v1/guard" in spec["paths"] and "GuardRequest" in spec["components"]["schemas"]
+
+
+# ------------------------------------------------------------------- startup errors
+def _start_and_wait(tmp_path, args) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    log = tmp_path / "start.log"
+    proc = subprocess.run(
+        [sys.executable, "-m", "guardkit_server.cli", "start", *args],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=240,
+    )
+    return proc.returncode, log.read_text()
+
+
+def test_startup_refuses_a_missing_model(tmp_path):
+    code, out = _start_and_wait(tmp_path, ["--model", str(tmp_path / "nowhere"), "--port", "1"])
+    assert code == 1
+    assert "guardkit-server: error: model folder" in out and "does not exist" in out
+
+
+def test_startup_refuses_a_bad_policy_before_starting_the_engine(tmp_path, tiny, guard_server):
+    bad = tmp_path / "policies"
+    shutil.copytree(guard_server.spare_dir / "llama-policy", bad / "llama-policy")
+    code, out = _start_and_wait(tmp_path, ["--model", str(tiny.qwen3), "--policies", str(bad), "--port", "1"])
+    assert code == 1
+    assert "guardkit-server: error: policy 'llama-policy'" in out and "trained on base model" in out
+    assert "EngineCore" not in out  # refused before any engine process started

@@ -170,7 +170,10 @@ def test_markers_isolate_samples_modes_and_runs(model, tmp_path):
     cli.run_bench(bench_args(tmp_path, "--lengths", "200", "--m", "2", "--samples", "2",
                              "--no-multiturn"), transport)
     heads = [c["messages"][0]["content"].split("]")[0] for c in calls]
-    assert len(heads) == 2 * 2 * 3 and len(set(heads)) == len(heads)
+    measured = [h for h in heads if "warm-up" not in h]
+    assert len(measured) == 2 * 2 * 3 and len(set(heads)) == len(heads)
+    # the unique part opens the marker, so conversations differ within their first block
+    assert len({h[:3] for h in measured}) == 3
 
 
 # --------------------------------------------------------------- prompt builders
@@ -245,3 +248,46 @@ def test_tokenomics_arithmetic():
     assert entry["machine_s_per_1000_turns"] == 200.0
     assert entry["cost_per_1000_turns"] == pytest.approx(0.2)
     assert entry["energy_j_per_1000_turns"] is None
+
+
+# ------------------------------------- engine-side change made for the benchmark (cpu_lora)
+def test_batched_cpu_lora_equals_the_per_run_loop(monkeypatch):
+    """Many short adapted runs (aLoRA policy turns) go through one padded bmm; same numbers."""
+    import torch
+
+    from guardkit_server.plugin import cpu_lora
+
+    runs = [(0, 100, -1), (100, 140, 0), (140, 150, -1), (150, 190, 3), (190, 231, 1),
+            (231, 240, -1), (240, 280, 2), (280, 300, 0)]
+
+    class Wrapper:
+        no_lora = False
+
+        def __init__(self) -> None:
+            self.prefill_metadata = (
+                torch.tensor([s for s, _, _ in runs]), torch.tensor([e - s for s, e, _ in runs]),
+                torch.tensor([slot for _, _, slot in runs]),
+            )
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden, rank, out = 300, 64, 8, 48
+    x = torch.randn(tokens, hidden, generator=gen)
+    a = torch.randn(4, 1, rank, hidden, generator=gen)
+    b = torch.randn(4, 1, out, rank, generator=gen)
+
+    def forward(min_runs: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        monkeypatch.setattr(cpu_lora, "_BATCH_MIN_RUNS", min_runs)
+        w = Wrapper()
+        buffer = torch.zeros(tokens, rank)
+        cpu_lora.shrink_prefill(w, buffer, x, a, 0.5)
+        y = torch.ones(tokens, 2 * out)
+        cpu_lora.expand_slice_prefill(w, y, buffer, b, out, out, True)
+        cpu_lora.expand_prefill(w, y, buffer, b, True)
+        return buffer, y, cpu_lora._segments(w).batched
+
+    loop_buffer, loop_y, loop_batched = forward(10**6)
+    batch_buffer, batch_y, batched = forward(1)
+    assert batched and not loop_batched
+    assert torch.allclose(loop_buffer, batch_buffer, atol=1e-5)
+    assert torch.allclose(loop_y, batch_y, atol=1e-4)
+    assert torch.equal(batch_y[:100], torch.ones(100, 2 * out))  # unadapted rows untouched

@@ -49,7 +49,7 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--model", help="HF model folder (default: embedded SmolLM2-135M-Instruct)")
     where.add_argument("--dims", choices=sorted(DIMS), help="random weights of these dimensions")
     where.add_argument("--max-model-len", type=int, help="context (default: model's, at most 8192)")
-    where.add_argument("--kv-cache-gb", type=float, default=3.0, help="CPU KV cache of the server")
+    where.add_argument("--kv-cache-gb", type=float, default=2.0, help="CPU KV cache of the server")
     where.add_argument("--policies-dir", type=Path, help="where synthetic policies are written")
     where.add_argument("--write-policies", action="store_true",
                        help="only write the synthetic policies (for a server you start) and exit")
@@ -293,6 +293,12 @@ async def _measure(plan: Plan, client: Any, contract: Any, run_id: str, energy: 
             bar.update(1)
             bar.set_postfix_str(message[:70])
 
+        bar.set_postfix_str("warm-up")
+        warm_modes = list(plan.modes if plan.grid else []) + [
+            x for x in ("alora", "lora") if plan.multiturn and x not in plan.modes
+        ]
+        for error in await runner.warm_up(client, contract, run_id, warm_modes, plan.max_m):
+            tqdm.write(f"guardkit bench: warning: {error}", file=sys.stderr)
         if plan.grid:
             cells = await runner.run_grid(client, contract, run_id, plan.lengths, plan.ms, plan.modes,
                                           plan.samples, progress)

@@ -39,7 +39,13 @@ from typing import Any
 
 from . import machine
 
-PATCHED, VANILLA = "patched", "vanilla"
+PATCHED, VANILLA, PATCHED_LOOP = "patched", "vanilla", "patched-loop"
+WORKER_ENV = {
+    PATCHED: {"GUARDKIT_VLLM_PLUGIN": "1"},
+    VANILLA: {"GUARDKIT_VLLM_PLUGIN": "0"},
+    # the patched engine with the per-run CPU LoRA loop instead of the batched path (A/B)
+    PATCHED_LOOP: {"GUARDKIT_VLLM_PLUGIN": "1", "GUARDKIT_CPU_LORA_BATCH": "0"},
+}
 # mode: (worker, adapter kind or None)
 MODES: dict[str, tuple[str, str | None]] = {
     "alora": (PATCHED, "alora"),
@@ -47,13 +53,16 @@ MODES: dict[str, tuple[str, str | None]] = {
     "lora": (VANILLA, "lora"),
     "lora-patched": (PATCHED, "lora"),
     "base-vanilla": (VANILLA, None),
+    "alora-loop": (PATCHED_LOOP, "alora"),  # not in the default run
 }
+DEFAULT_MODES = ("alora", "base", "lora", "lora-patched", "base-vanilla")
 MODE_HELP = {
     "alora": "patched engine, aLoRA adapters (guardkit)",
     "base": "patched engine, no adapter (ideal sharing)",
     "lora": "vanilla vLLM, plain LoRA adapters",
     "lora-patched": "patched engine, plain LoRA (fast CPU LoRA, no sharing)",
     "base-vanilla": "vanilla vLLM, no adapter",
+    "alora-loop": "patched engine, aLoRA, CPU LoRA as a per-run loop (GUARDKIT_CPU_LORA_BATCH=0)",
 }
 _TAG = "@@BENCH "
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
@@ -164,7 +173,7 @@ class Worker:
 
     def __init__(self, name: str, config: dict[str, Any], log: Path) -> None:
         env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-        env["GUARDKIT_VLLM_PLUGIN"] = "1" if name == PATCHED else "0"
+        env.update(WORKER_ENV[name])
         path = log.with_suffix(f".{name}.json")
         path.write_text(json.dumps(config))
         self.name = name
@@ -271,7 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dims", help="random weights of these dimensions (qwen3-4b, tiny)")
     p.add_argument("--tokens", default="500,2000", help="conversation lengths (prefix tokens)")
     p.add_argument("--m", default="1,8,32", help="adapters per conversation")
-    p.add_argument("--modes", default=",".join(MODES), help=f"subset of {', '.join(MODES)}")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"subset of {', '.join(MODES)}")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--slow-samples", type=int, default=2,
                    help="samples for a cell-mode whose first sample took more than --slow-s")
@@ -279,7 +288,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vanilla-max-m", type=int, default=8,
                    help="largest m for vanilla lora (~4 min per sample at 2000 x 8 on 2 cores)")
     p.add_argument("--suffix", type=int, default=40, help="per-evaluation suffix tokens")
-    p.add_argument("--kv-cache-gb", type=float, default=3.0, help="CPU KV cache per engine")
+    p.add_argument("--kv-cache-gb", type=float, default=2.0,
+                   help="CPU KV cache of the patched engine (lora-patched 2000 x 32 needs ~1.5)")
+    p.add_argument("--vanilla-kv-cache-gb", type=float, default=1.0, help="CPU KV cache, vanilla")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--name", default=None, help="output name under --out-dir (default engine-cpu)")
     p.add_argument("--out-dir", type=Path, default=DOCS)
@@ -325,19 +336,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     work = Path(tempfile.mkdtemp(prefix="guardkit-engine-bench-"))
     workers: dict[str, Worker] = {}
-    for name in (PATCHED, VANILLA):
+    for name in WORKER_ENV:
         served = [mode for mode in modes if MODES[mode][0] == name]
         if not served:
             continue
         kinds = {MODES[mode][1] for mode in served} - {None}
         vanilla_m = [m for m in ms if m <= args.vanilla_max_m] or [1]
-        slots = max(ms) if name == PATCHED else max(vanilla_m)
+        slots = max(vanilla_m) if name == VANILLA else max(ms)
         config = dict(
             engine=dict(model=str(model_dir), max_model_len=max_len, max_loras=slots,
                         max_cpu_loras=max(len(kinds), 1) * max(ms), max_lora_rank=16,
-                        kv_cache_memory_gb=args.kv_cache_gb, load_format=load_format,
+                        kv_cache_memory_gb=args.vanilla_kv_cache_gb if name == VANILLA else args.kv_cache_gb,
+                        load_format=load_format,
                         max_num_seqs=max(256, max(ms))),
-            adapters={k: adapters[k][: (max(ms) if name == PATCHED else slots)] for k in kinds},
+            adapters={k: adapters[k][:slots] for k in kinds},
             modes=served, m_values=ms, shape=shape.__dict__,
         )
         workers[name] = Worker(name, config, work / "worker")
@@ -366,7 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings=dict(
             tokens=tokens, m=ms, modes={m: MODE_HELP[m] for m in modes}, samples=args.samples,
             slow_samples=args.slow_samples, slow_s=args.slow_s, suffix_tokens=args.suffix,
-            vanilla_max_m=args.vanilla_max_m, kv_cache_gb=args.kv_cache_gb, max_model_len=max_len,
+            vanilla_max_m=args.vanilla_max_m, max_model_len=max_len,
             adapter="random rank-16 LoRA on q/k/v/o (bf16), non-zero B",
             engines={n: {k: v for k, v in w.info.items() if k != "event"} for n, w in workers.items()},
             engine_config={n: w_cfg for n, w_cfg in _engine_configs(work).items()},
@@ -380,7 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _engine_configs(work: Path) -> dict[str, Any]:
     out = {}
-    for name in (PATCHED, VANILLA):
+    for name in WORKER_ENV:
         path = work / f"worker.{name}.json"
         if path.exists():
             out[name] = json.loads(path.read_text())["engine"]
@@ -424,7 +436,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = dict(tokens=t, m=m)
         if get("alora") and get("base"):
             entry["alora_over_base"] = round(get("alora") / get("base"), 2)
-        for mode in ("lora", "lora-patched"):
+        for mode in ("lora", "lora-patched", "alora-loop"):
             if get(mode) and get("alora"):
                 entry[f"{mode}_over_alora"] = round(get(mode) / get("alora"), 1)
         out.append(entry)

@@ -64,7 +64,8 @@ def speedup_table(grid: Sequence[dict[str, Any]], key: str) -> list[str]:
         for m in ms:
             a, lo = by.get((t, m, "alora"), {}), by.get((t, m, "lora"), {})
             if key in a and key in lo and a[key] > 0:
-                cells.append(f"×{lo[key] / a[key]:.1f}")
+                ratio = lo[key] / a[key]
+                cells.append(f"×{ratio:.1f}" if ratio >= 1 else f"×{ratio:.2f}")
             elif "failed" in a or "failed" in lo:
                 cells.append("failed")
             else:

@@ -80,6 +80,21 @@ class Cell:
         }
 
 
+async def warm_up(
+    client: BenchClient, contract: PromptContract, run_id: str, modes: Sequence[str], m: int
+) -> list[str]:
+    """Untimed: every policy twice (adapters into their slots, kernels compiled) so that the
+    first measured sample is not the engine's first. Returns the errors (cells will show them)."""
+    errors = []
+    for round_ in range(2):
+        for mode in modes:
+            convo = conversation.build(contract, 200, f"warm-up {mode} r{round_} run {run_id}")
+            turn = await client.guard(convo.messages, policies_for(mode, m))
+            if turn.failed:
+                errors.append(f"warm-up {mode} ({m} policies): {turn.error}")
+    return errors
+
+
 async def run_grid(
     client: BenchClient,
     contract: PromptContract,
@@ -102,7 +117,8 @@ async def run_grid(
                     if cell.error:
                         progress(f"{tokens}x{m} {cell.mode} skipped (failed)")
                         continue
-                    marker = f"bench {run_id} grid {tokens}x{m} s{sample} {cell.mode}"
+                    # the unique part first: two markers share no token after the "["
+                    marker = f"{cell.mode} s{sample} {tokens}x{m} run {run_id}"
                     convo = conversation.build(contract, tokens, marker, seed=sample)
                     turn = await client.guard(convo.messages, policies_for(cell.mode, m))
                     cell.turns.append(turn)
@@ -158,7 +174,7 @@ async def _no_cache_turn(
     loop = asyncio.get_running_loop()
     started = loop.time()
     calls = [
-        client.guard(_remark(messages, marker, f"{marker} t{turn} p{i}"), [name])
+        client.guard(_remark(messages, marker, f"t{turn} p{i} {marker}"), [name])
         for i, name in enumerate(policies)
     ]
     parts = await asyncio.gather(*calls)
@@ -190,7 +206,7 @@ async def run_multiturn(
     """``samples`` conversations growing over ``turns`` turns; every turn checked by m policies."""
     cells = {(k, mode): TurnCell(k, mode) for k in range(1, turns + 1) for mode in modes}
     for sample in range(samples):
-        markers = {mode: f"bench {run_id} multiturn s{sample} {mode}" for mode in modes}
+        markers = {mode: f"{mode} s{sample} multiturn run {run_id}" for mode in modes}
         conversations = {
             mode: conversation.growing(contract, turns, final_tokens, markers[mode], seed=sample)
             for mode in modes

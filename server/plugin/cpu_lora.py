@@ -10,18 +10,52 @@ nothing.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 
-def _segments(wrapper) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+# Many short runs (aLoRA: one per policy, each the ~40-token policy turn) are done as one
+# padded batched matmul instead of a Python loop of tiny matmuls, whose per-op overhead
+# otherwise grows with m x layers x projections. Long runs (plain LoRA prefills) keep the loop.
+# GUARDKIT_CPU_LORA_BATCH=0 keeps the per-run loop everywhere (for A/B measurements).
+_BATCH_MIN_RUNS = 4 if os.environ.get("GUARDKIT_CPU_LORA_BATCH", "1") != "0" else sys.maxsize
+_BATCH_MAX_RUN = 256
+
+
+class _Runs:
+    """This step's adapted runs, and (for many short runs) their padded gather indices."""
+
+    def __init__(self, segments: list[tuple[int, int, int]]) -> None:
+        self.segments = segments
+        self.batched = False
+        lengths = [e - s for s, e, _ in segments]
+        if len(segments) < _BATCH_MIN_RUNS or max(lengths) > _BATCH_MAX_RUN:
+            return
+        longest = max(lengths)
+        if longest * len(segments) > 2 * sum(lengths):  # too much padding
+            return
+        starts = torch.tensor([s for s, _, _ in segments])
+        sizes = torch.tensor(lengths)
+        offsets = torch.arange(longest)
+        self.valid = offsets[None, :] < sizes[:, None]  # (runs, longest)
+        # padded positions read their run's first token and are dropped on the way back
+        self.index = torch.where(self.valid, starts[:, None] + offsets[None, :], starts[:, None])
+        self.rows = self.index[self.valid]  # adapted token rows, run by run
+        self.slots = torch.tensor([slot for _, _, slot in segments])
+        self.batched = True
+
+
+def _segments(wrapper) -> _Runs:  # type: ignore[no-untyped-def]
     """(start, end, slot) for each run of tokens that uses an adapter, cached per step."""
     cached = wrapper.__dict__.get("_guardkit_segments")
     if cached is not None:
         return cached
     starts, lengths, slots = (t.tolist() for t in wrapper.prefill_metadata[:3])
-    segments = [(s, s + n, slot) for s, n, slot in zip(starts, lengths, slots) if slot >= 0]
-    wrapper.__dict__["_guardkit_segments"] = segments
-    return segments
+    runs = _Runs([(s, s + n, slot) for s, n, slot in zip(starts, lengths, slots) if slot >= 0])
+    wrapper.__dict__["_guardkit_segments"] = runs
+    return runs
 
 
 def _weight(stacked: torch.Tensor, slot: int) -> torch.Tensor:
@@ -29,19 +63,45 @@ def _weight(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     return w[0] if w.dim() == 3 else w  # (max_loras, 1, out, in) or (max_loras, out, in)
 
 
+def _weights(stacked: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(runs, out, in): each run's adapter weights."""
+    w = stacked.index_select(0, slots)
+    return w[:, 0] if w.dim() == 4 else w
+
+
 def shrink_prefill(self, y, x, w_t_all, scale):  # type: ignore[no-untyped-def]
     """y[run] = scale * x[run] @ A[slot].T for every adapted run (y starts zeroed)."""
     if self.no_lora:
         return
-    for s, e, slot in _segments(self):
+    runs = _segments(self)
+    if runs.batched:
+        a = _weights(w_t_all, runs.slots).to(y.dtype)  # (runs, rank, in)
+        out = torch.bmm(x[runs.index].to(y.dtype), a.transpose(1, 2))  # (runs, longest, rank)
+        y[:, : a.shape[1]].index_copy_(0, runs.rows, scale * out[runs.valid])
+        return
+    for s, e, slot in runs.segments:
         a = _weight(w_t_all, slot).to(y.dtype)
         y[s:e, : a.shape[0]] = scale * (x[s:e].to(y.dtype) @ a.T)
+
+
+def _expand_batched(runs: _Runs, target, x, w_t_all, add_inputs) -> None:  # type: ignore[no-untyped-def]
+    b = _weights(w_t_all, runs.slots).to(target.dtype)  # (runs, out, rank)
+    out = torch.bmm(x[runs.index].to(target.dtype), b.transpose(1, 2))[runs.valid]
+    n = min(out.shape[1], target.shape[1])
+    if add_inputs:
+        target[:, :n].index_add_(0, runs.rows, out[:, :n])
+    else:
+        target[:, :n].index_copy_(0, runs.rows, out[:, :n])
 
 
 def expand_prefill(self, y, x, w_t_all, add_inputs):  # type: ignore[no-untyped-def]
     if self.no_lora:
         return
-    for s, e, slot in _segments(self):
+    runs = _segments(self)
+    if runs.batched:
+        _expand_batched(runs, y, x, w_t_all, add_inputs)
+        return
+    for s, e, slot in runs.segments:
         b = _weight(w_t_all, slot)
         out = (x[s:e].to(y.dtype) @ b.to(y.dtype).T)
         n = min(out.shape[1], y.shape[1])
@@ -54,7 +114,11 @@ def expand_prefill(self, y, x, w_t_all, add_inputs):  # type: ignore[no-untyped-
 def expand_slice_prefill(self, y, x, w_t_all, y_offset, y_slice_size, add_inputs):  # type: ignore[no-untyped-def]
     if self.no_lora:
         return
-    for s, e, slot in _segments(self):
+    runs = _segments(self)
+    if runs.batched:
+        _expand_batched(runs, y[:, y_offset : y_offset + y_slice_size], x, w_t_all, add_inputs)
+        return
+    for s, e, slot in runs.segments:
         b = _weight(w_t_all, slot)
         out = x[s:e].to(y.dtype) @ b.to(y.dtype).T
         target = y[s:e, y_offset : y_offset + y_slice_size]

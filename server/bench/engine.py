@@ -290,7 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--suffix", type=int, default=40, help="per-evaluation suffix tokens")
     p.add_argument("--kv-cache-gb", type=float, default=2.0,
                    help="CPU KV cache of the patched engine (lora-patched 2000 x 32 needs ~1.5)")
-    p.add_argument("--vanilla-kv-cache-gb", type=float, default=1.0, help="CPU KV cache, vanilla")
+    p.add_argument("--vanilla-kv-cache-gb", type=float, default=1.0,
+                   help="CPU KV cache of the vanilla (and patched-loop) engine")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--name", default=None, help="output name under --out-dir (default engine-cpu)")
     p.add_argument("--out-dir", type=Path, default=DOCS)
@@ -346,7 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = dict(
             engine=dict(model=str(model_dir), max_model_len=max_len, max_loras=slots,
                         max_cpu_loras=max(len(kinds), 1) * max(ms), max_lora_rank=16,
-                        kv_cache_memory_gb=args.vanilla_kv_cache_gb if name == VANILLA else args.kv_cache_gb,
+                        kv_cache_memory_gb=args.kv_cache_gb if name == PATCHED else args.vanilla_kv_cache_gb,
                         load_format=load_format,
                         max_num_seqs=max(256, max(ms))),
             adapters={k: adapters[k][:slots] for k in kinds},

@@ -231,7 +231,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
         optimizer.step()
         step += 1
-        value = float(loss)
+        value = loss.item()
         log.steps.append(step)
         log.loss.append(value)
         log.lr.append(lr)

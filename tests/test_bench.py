@@ -291,3 +291,27 @@ def test_batched_cpu_lora_equals_the_per_run_loop(monkeypatch):
     assert torch.allclose(loop_buffer, batch_buffer, atol=1e-5)
     assert torch.allclose(loop_y, batch_y, atol=1e-4)
     assert torch.equal(batch_y[:100], torch.ones(100, 2 * out))  # unadapted rows untouched
+
+
+def test_cpu_lora_skips_layers_without_weights_for_the_batch(monkeypatch):
+    """A projection no active adapter targets (zeroed slots) adds exactly nothing: skipped;
+    the skip follows the weights when a slot is loaded or reset (version counter)."""
+    import torch
+
+    from guardkit_server.plugin import cpu_lora
+
+    class Wrapper:
+        no_lora, is_prefill = False, True
+        prefill_metadata = (torch.tensor([0, 10, 20]), torch.tensor([10, 10, 5]), torch.tensor([-1, 1, 2]))
+
+    stacked = torch.zeros(4, 1, 8, 16)
+    assert cpu_lora._no_weights_for_batch(Wrapper(), (stacked,))
+    stacked[3, 0, :, :].copy_(torch.ones(8, 16))  # a slot the batch does not use
+    assert cpu_lora._no_weights_for_batch(Wrapper(), (stacked,))
+    stacked[2, 0, :4, :].copy_(torch.ones(4, 16))  # now it does
+    assert not cpu_lora._no_weights_for_batch(Wrapper(), (torch.zeros(4, 1, 8, 16), stacked))
+    stacked[2] = 0  # reset_lora
+    assert cpu_lora._no_weights_for_batch(Wrapper(), (stacked,))
+    with torch.inference_mode():
+        frozen = torch.zeros(4, 1, 8, 16)
+    assert not cpu_lora._no_weights_for_batch(Wrapper(), (frozen,))  # no version counter: never skip

@@ -53,7 +53,8 @@ MODES: dict[str, tuple[str, str | None]] = {
     "lora": (VANILLA, "lora"),
     "lora-patched": (PATCHED, "lora"),
     "base-vanilla": (VANILLA, None),
-    "alora-loop": (PATCHED_LOOP, "alora"),  # not in the default run
+    "alora-loop": (PATCHED_LOOP, "alora"),  # A/B modes, not in the default run
+    "lora-patched-loop": (PATCHED_LOOP, "lora"),
 }
 DEFAULT_MODES = ("alora", "base", "lora", "lora-patched", "base-vanilla")
 MODE_HELP = {
@@ -62,7 +63,9 @@ MODE_HELP = {
     "lora": "vanilla vLLM, plain LoRA adapters",
     "lora-patched": "patched engine, plain LoRA (fast CPU LoRA, no sharing)",
     "base-vanilla": "vanilla vLLM, no adapter",
-    "alora-loop": "patched engine, aLoRA, CPU LoRA as a per-run loop (GUARDKIT_CPU_LORA_BATCH=0)",
+    "alora-loop": "patched engine, aLoRA, first CPU LoRA path: per-run loop, every LoRA layer "
+    "(GUARDKIT_CPU_LORA_BATCH=0)",
+    "lora-patched-loop": "patched engine, plain LoRA, first CPU LoRA path (GUARDKIT_CPU_LORA_BATCH=0)",
 }
 _TAG = "@@BENCH "
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
@@ -293,6 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vanilla-kv-cache-gb", type=float, default=1.0,
                    help="CPU KV cache of the vanilla (and patched-loop) engine")
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="per engine worker on a GPU (default: 0.85 split between the workers)")
     p.add_argument("--name", default=None, help="output name under --out-dir (default engine-cpu)")
     p.add_argument("--out-dir", type=Path, default=DOCS)
     p.add_argument("--seed", type=int, default=0)
@@ -337,6 +342,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     work = Path(tempfile.mkdtemp(prefix="guardkit-engine-bench-"))
     workers: dict[str, Worker] = {}
+    names = [n for n in WORKER_ENV if any(MODES[mode][0] == n for mode in modes)]
+    # the workers share one GPU: split its memory instead of each taking vLLM's default 0.9
+    gpu_share = args.gpu_memory_utilization or round(0.85 / len(names), 2)
     for name in WORKER_ENV:
         served = [mode for mode in modes if MODES[mode][0] == name]
         if not served:
@@ -349,7 +357,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         max_cpu_loras=max(len(kinds), 1) * max(ms), max_lora_rank=16,
                         kv_cache_memory_gb=args.kv_cache_gb if name == PATCHED else args.vanilla_kv_cache_gb,
                         load_format=load_format,
-                        max_num_seqs=max(256, max(ms))),
+                        max_num_seqs=max(256, max(ms)),
+                        gpu_memory_utilization=gpu_share if machine.gpu_names() else None),
             adapters={k: adapters[k][:slots] for k in kinds},
             modes=served, m_values=ms, shape=shape.__dict__,
         )
@@ -413,8 +422,8 @@ def _run_group(group: list[Cell], workers: dict[str, Worker], args: argparse.Nam
             load = round(os.getloadavg()[0], 2)
             try:
                 result = worker.run(mode=cell.mode, tokens=cell.tokens, m=cell.m, seed=seed)
-            except RuntimeError as exc:
-                result = dict(errors=cell.m, error=str(exc)[:300])
+            except (RuntimeError, OSError) as exc:  # the worker died (e.g. out of memory)
+                result = dict(errors=cell.m, error=f"{worker.name} worker: {exc}"[:300])
             result["loadavg_1m"] = load
             cell.samples.append(result)
             if len(cell.samples) == 1 and result.get("wall_ms", 0) > args.slow_s * 1000:
@@ -439,7 +448,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             entry["alora_over_base"] = round(get("alora") / get("base"), 2)
         for mode in ("lora", "lora-patched", "alora-loop"):
             if get(mode) and get("alora"):
-                entry[f"{mode}_over_alora"] = round(get(mode) / get("alora"), 1)
+                entry[f"{mode}_over_alora"] = round(get(mode) / get("alora"), 2)
+        if get("lora-patched-loop") and get("lora-patched"):
+            entry["lora-patched-loop_over_lora-patched"] = round(get("lora-patched-loop") / get("lora-patched"), 2)
         out.append(entry)
     return out
 

@@ -19,8 +19,10 @@ import torch
 # Many short runs (aLoRA: one per policy, each the ~40-token policy turn) are done as one
 # padded batched matmul instead of a Python loop of tiny matmuls, whose per-op overhead
 # otherwise grows with m x layers x projections. Long runs (plain LoRA prefills) keep the loop.
-# GUARDKIT_CPU_LORA_BATCH=0 keeps the per-run loop everywhere (for A/B measurements).
-_BATCH_MIN_RUNS = 4 if os.environ.get("GUARDKIT_CPU_LORA_BATCH", "1") != "0" else sys.maxsize
+# GUARDKIT_CPU_LORA_BATCH=0 restores the first version of this path for A/B measurements: the
+# per-run loop everywhere and no skipping of layers without weights.
+_V2 = os.environ.get("GUARDKIT_CPU_LORA_BATCH", "1") != "0"
+_BATCH_MIN_RUNS = 4 if _V2 else sys.maxsize
 _BATCH_MAX_RUN = 256
 
 
@@ -128,6 +130,43 @@ def expand_slice_prefill(self, y, x, w_t_all, y_offset, y_slice_size, add_inputs
             target.copy_(out)
 
 
+def _live_slots(stacked: torch.Tensor) -> frozenset[int]:
+    """Slots whose weights in this stacked LoRA tensor are not all zero.
+
+    vLLM wraps every supported projection of the model, and zeroes a slot's weights in the
+    projections an adapter does not target (guardkit trains q/k/v/o: the MLP layers carry none).
+    Recomputed only when the tensor changes (an adapter loaded into or evicted from a slot bumps
+    its version counter).
+    """
+    try:
+        version = stacked._version
+    except RuntimeError:  # an inference tensor keeps no version counter: never skip
+        return _ALL_SLOTS
+    cached = stacked.__dict__.get("_guardkit_live")
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    flags = stacked.reshape(stacked.shape[0], -1).ne(0).any(dim=1)
+    live = frozenset(int(i) for i in torch.nonzero(flags).flatten().tolist())
+    stacked.__dict__["_guardkit_live"] = (version, live)
+    return live
+
+
+class _AllSlots(frozenset):  # type: ignore[type-arg]
+    def __and__(self, other):  # type: ignore[no-untyped-def]
+        return frozenset(other)
+
+
+_ALL_SLOTS = _AllSlots()
+
+
+def _no_weights_for_batch(wrapper, lora_a_stacked) -> bool:  # type: ignore[no-untyped-def]
+    """True when no adapter of this prefill batch has weights in this layer: LoRA adds exactly 0."""
+    if wrapper.no_lora or not wrapper.is_prefill or not _V2:
+        return False
+    slots = {slot for _, _, slot in _segments(wrapper).segments}
+    return not any(_live_slots(a) & slots for a in lora_a_stacked)
+
+
 def patch_cpu_punica() -> None:
     try:
         from vllm.lora.punica_wrapper import punica_cpu
@@ -143,6 +182,14 @@ def patch_cpu_punica() -> None:
         self.__dict__.pop("_guardkit_segments", None)
 
     cls._update_prefill_metadata = _update_prefill_metadata
+    original_linear = cls.add_lora_linear
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if _no_weights_for_batch(self, lora_a_stacked):
+            return None  # in place, like the original: y unchanged
+        return original_linear(self, y, x, lora_a_stacked, lora_b_stacked, *args, **kwargs)
+
+    cls.add_lora_linear = add_lora_linear
     cls._shrink_prefill = shrink_prefill
     cls._expand_prefill = expand_prefill
     cls._expand_slice_prefill = expand_slice_prefill

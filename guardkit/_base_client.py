@@ -23,7 +23,6 @@ from ._constants import (
     BASE_URL_ENV,
     DEFAULT_BASE_URL,
     DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT,
     INITIAL_RETRY_DELAY,
     LOGGER_NAME,
     MAX_RETRY_DELAY,
@@ -42,7 +41,7 @@ from ._messages import MessagesInput, to_messages
 from ._selection import PolicySelection, PolicySpec, select
 from ._turn import decide, is_unavailable, log_allowed_on_error, unavailable_result
 from ._version import __version__
-from .types import ErrorResponse, GuardRequest, GuardResult, OnError, Stage, Verdict
+from .types import ErrorResponse, GuardResult, OnError, Stage, Verdict
 
 logger = logging.getLogger(LOGGER_NAME)
 

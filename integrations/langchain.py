@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.messages import (
     AIMessage,
@@ -37,7 +36,7 @@ from guardkit._report import GuardReport
 from guardkit._streaming import Window, aguard_stream, guard_stream
 from guardkit.types import GuardResult, Message, Stage
 
-__all__ = ["GuardedRunnable", "GuardkitMiddleware", "input_messages", "output_message"]
+__all__ = ["GuardedRunnable", "GuardkitMiddleware", "input_messages", "output_message"]  # noqa: F822 - lazy
 
 _END = object()
 
@@ -326,3 +325,12 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     yield first
     async for item in rest:
         yield item
+
+
+def __getattr__(name: str) -> Any:
+    # The middleware needs the ``langchain`` package (agents), not only langchain-core.
+    if name == "GuardkitMiddleware":
+        from .langchain_middleware import GuardkitMiddleware
+
+        return GuardkitMiddleware
+    raise AttributeError(name)

@@ -45,8 +45,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def llm_server(tmp_path_factory: pytest.TempPathFactory):
-    """``vllm serve`` SmolLM2-135M-Instruct on the CPU engine (eager: ~30 s to start)."""
+def llm_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """``vllm serve`` SmolLM2-135M-Instruct on the CPU engine (eager: ~30 s to start).
+
+    Every test that talks to the LLM also guards it, so the guard server is started while
+    vLLM boots rather than after.
+    """
     from guardkit_server.assets import ensure_default_model
 
     model_dir = ensure_default_model()
@@ -67,6 +71,7 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
+        request.getfixturevalue("guard_server")
         deadline = time.monotonic() + 600
         while True:
             if process.poll() is not None:

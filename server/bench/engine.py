@@ -351,10 +351,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         kinds = {MODES[mode][1] for mode in served} - {None}
         vanilla_m = [m for m in ms if m <= args.vanilla_max_m] or [1]
+        # one slot per adapter the worker serves, so alternating modes never evict each
+        # other's adapters (the vanilla worker has plain LoRA only, up to --vanilla-max-m)
         slots = max(vanilla_m) if name == VANILLA else max(ms)
+        max_loras = slots * max(len(kinds), 1)
         config = dict(
-            engine=dict(model=str(model_dir), max_model_len=max_len, max_loras=slots,
-                        max_cpu_loras=max(len(kinds), 1) * max(ms), max_lora_rank=16,
+            engine=dict(model=str(model_dir), max_model_len=max_len, max_loras=max_loras,
+                        max_cpu_loras=max_loras, max_lora_rank=16,
                         kv_cache_memory_gb=args.kv_cache_gb if name == PATCHED else args.vanilla_kv_cache_gb,
                         load_format=load_format,
                         max_num_seqs=max(256, max(ms)),

@@ -37,8 +37,9 @@ class ServerSettings:
         args = [
             "start", "--model", str(self.model), "--policies", str(self.policies),
             "--no-builtin-policies", "--port", str(port),
-            # every policy of a turn in one batch; aLoRA and LoRA adapters both kept loaded
-            "--max-loras", str(self.max_m), "--max-cpu-loras", str(2 * self.max_m),
+            # a slot for every adapter (aLoRA and LoRA policies): a turn's policies fit one
+            # batch and alternating modes never evict each other's adapters
+            "--max-loras", str(2 * self.max_m), "--max-cpu-loras", str(2 * self.max_m),
             "--max-policies-per-call", str(max(256, self.max_m)),
             "--max-model-len", str(self.max_model_len), "--load-format", self.load_format,
             "--default-timeout-ms", str(900_000),

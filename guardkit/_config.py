@@ -29,8 +29,10 @@ class StreamOptions:
     stream never ends normally before all of its text passed.
     """
 
-    chunk_chars: int = 400
-    overlap_chars: int = 100
+    # With hold-back the first chunk sets the time to first token: keep chunks small; each
+    # check re-reads the conversation from the server's prefix cache, so they are cheap.
+    chunk_chars: int = 200
+    overlap_chars: int = 50
     hold_back: bool = True
     max_pending: int = 4  # chunk checks in flight before reading the LLM waits
 

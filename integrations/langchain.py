@@ -153,6 +153,8 @@ class GuardedRunnable(Runnable[Any, Any]):
 
     def __getattr__(self, name: str) -> Any:
         # bind_tools, with_structured_output ...: what returns a Runnable stays guarded.
+        if name == "bound" or name.startswith("__"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
         attr = getattr(self.bound, name)
         if not callable(attr):
             return attr

@@ -44,6 +44,8 @@ class _Wrapper:
     _wrapped: Any
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_wrapped" or name.startswith("__"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
         return getattr(self._wrapped, name)
 
 
@@ -80,6 +82,8 @@ class _BaseCompletions(_Wrapper):
         self._config = config
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_wrapped" or name.startswith("__"):
+            raise AttributeError(name)
         if name in _UNGUARDED:
             raise AttributeError(
                 f"chat.completions.{name} is not guarded by guardkit; use create(stream=True), "
@@ -94,6 +98,8 @@ class _Call:
 
     def __init__(self, config: GuardConfig, kwargs: dict[str, Any]) -> None:
         self.config = config
+        if "messages" not in kwargs:
+            raise TypeError("chat.completions.create() needs messages=")
         kwargs["messages"] = list(kwargs["messages"])
         self.kwargs = kwargs
         self.messages: list[Message] = to_messages(kwargs["messages"])

@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar, Union
 import httpx
 from pydantic import BaseModel, ValidationError
 from tenacity import RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity.stop import stop_base
 
 from ._constants import (
     API_KEY_ENV,
@@ -196,7 +197,7 @@ class BaseClient(Generic[HttpClientT]):
             )
 
         return dict(
-            stop=stop_after_attempt(req.max_retries + 1) | (lambda _: req.deadline.expired()),
+            stop=stop_after_attempt(req.max_retries + 1) | _StopAtDeadline(req.deadline),
             wait=wait,
             retry=retry_if_exception(_is_retryable),
             before_sleep=log_retry,
@@ -214,7 +215,8 @@ class BaseClient(Generic[HttpClientT]):
             return cast_to.model_validate_json(response.content)
         except ValidationError as exc:
             raise APIResponseValidationError(
-                f"guardkit-server's answer is not a valid {cast_to.__name__}: {exc.errors()[0]['msg']}",
+                f"guardkit-server's answer is not a valid {getattr(cast_to, '__name__', 'answer')}: "
+                f"{exc.errors()[0]['msg']}",
                 response=response,
             ) from None
         except ValueError as exc:
@@ -272,6 +274,14 @@ class BaseClient(Generic[HttpClientT]):
             result = decide(answer, plan.selection)
         log_allowed_on_error(result)
         return result
+
+
+class _StopAtDeadline(stop_base):
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.deadline.expired()
 
 
 def _is_retryable(exc: BaseException) -> bool:

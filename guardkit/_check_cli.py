@@ -17,7 +17,7 @@ from ._constants import DEFAULT_TIMEOUT
 from ._exceptions import GuardkitError
 from ._messages import to_messages
 from ._selection import select
-from .types import GuardResult, Message
+from .types import GuardResult, Message, Stage
 
 
 def configure_check(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def run_check(args: argparse.Namespace) -> int:
     except (OSError, ValueError, GuardkitError) as exc:
         print(f"guardkit check: {exc}", file=sys.stderr)
         return 2
-    stage = args.stage or ("output" if messages[-1].role == "assistant" else "input")
+    stage: Stage = args.stage or ("output" if messages[-1].role == "assistant" else "input")
     with Guardkit(base_url=args.base_url, api_key=args.api_key, timeout=args.timeout, max_retries=args.retries) as client:
         try:
             request = select(args.policies, monitor=args.monitor, on_error=args.on_error).request(messages)

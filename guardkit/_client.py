@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -207,7 +208,7 @@ class Policies:
     def delete(self, name: str) -> PolicyInfo:
         return self._client._request(self._req("DELETE", f"/v1/policies/{name}", PolicyInfo, retries=False))  # type: ignore[no-any-return]
 
-    def rescan(self) -> dict[str, list[str]]:
+    def rescan(self) -> dict[str, builtins.list[str]]:
         return self._client._request(self._req("POST", "/v1/policies/rescan", None, retries=False))  # type: ignore[no-any-return]
 
 
@@ -350,7 +351,7 @@ class AsyncPolicies:
     async def delete(self, name: str) -> PolicyInfo:
         return await self._client._request(self._req("DELETE", f"/v1/policies/{name}", PolicyInfo, retries=False))  # type: ignore[no-any-return]
 
-    async def rescan(self) -> dict[str, list[str]]:
+    async def rescan(self) -> dict[str, builtins.list[str]]:
         return await self._client._request(self._req("POST", "/v1/policies/rescan", None, retries=False))  # type: ignore[no-any-return]
 
 

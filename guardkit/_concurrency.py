@@ -43,10 +43,12 @@ def run_alongside(
     try:
         result = check()
     except BaseException:
-        future.cancel() or future.add_done_callback(drop)
+        if not future.cancel():
+            future.add_done_callback(drop)
         raise
     if result.blocked:
-        future.cancel() or future.add_done_callback(drop)
+        if not future.cancel():
+            future.add_done_callback(drop)
         return result, None
     return result, future.result()
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from pydantic import ValidationError
 
 from ._exceptions import InvalidInputError
-from .types import Message
+from .types import Message, Role
 
 MessageLike = Union[Message, Mapping[str, Any], str, Any]
 MessagesInput = Union[str, Message, Mapping[str, Any], Iterable[MessageLike]]
@@ -46,7 +46,7 @@ def to_message(item: MessageLike) -> Message:
     if calls:
         text = "\n".join(filter(None, [text, calls]))
     try:
-        return Message(role=role, content=text, name=item.get("name"))
+        return Message(role=cast(Role, role), content=text, name=item.get("name"))
     except ValidationError as exc:
         raise InvalidInputError(f"cannot judge message {dict(item)!r}: {exc.errors()[0]['msg']}") from None
 

@@ -87,12 +87,12 @@ def _as_text(value: Any) -> str:
 
 def _chunk_texts(chunk: Any) -> Mapping[int, str]:
     if isinstance(chunk, BaseMessageChunk):
-        text = chunk.text if isinstance(chunk.content, (str, list)) else str(chunk.content)
+        text = str(chunk.text) if isinstance(chunk.content, (str, list)) else str(chunk.content)
         for call in getattr(chunk, "tool_call_chunks", None) or ():
             if call.get("name"):
                 text += f"\n[tool call] {call['name']}("
             text += call.get("args") or ""
-        return {0: str(text)}
+        return {0: text}
     return {0: chunk if isinstance(chunk, str) else _as_text(chunk)}
 
 

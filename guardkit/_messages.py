@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Union, cast
 
@@ -37,7 +36,10 @@ def to_message(item: MessageLike) -> Message:
         dump = getattr(item, "model_dump", None)  # OpenAI SDK objects (ChatCompletionMessage ...)
         if dump is None:
             raise InvalidInputError(f"cannot judge a message of type {type(item).__name__}")
-        item = dump(exclude_none=True)
+        try:  # parse() messages carry a typed `parsed` field that pydantic warns about
+            item = dump(exclude_none=True, warnings=False)
+        except TypeError:
+            item = dump(exclude_none=True)
     role = _ROLE_ALIASES.get(item.get("role", ""), item.get("role"))
     text = _text(item.get("content"))
     calls = _tool_calls_text(item.get("tool_calls") or ([item["function_call"]] if item.get("function_call") else []))
@@ -80,7 +82,3 @@ def _tool_calls_text(calls: Iterable[Any]) -> str:
 
 def assistant(text: str) -> Message:
     return Message(role="assistant", content=text)
-
-
-def messages_json(messages: list[Message]) -> str:
-    return json.dumps([m.model_dump(exclude_none=True) for m in messages], ensure_ascii=False)

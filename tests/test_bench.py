@@ -18,10 +18,12 @@ from guardkit_server.bench import cli, conversation, engine, report
 from guardkit_server.bench.synthetic import bench_policies, dims_model, policy_name
 
 
-@pytest.fixture()
-def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("GUARDKIT_CACHE", str(tmp_path / "cache"))
-    return dims_model("tiny")
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Qwen3-shaped config with a synthetic ChatML tokenizer; the cache in a temp dir."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GUARDKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield dims_model("tiny")
 
 
 def fake_server(policies_per_method: int = 8, failing: str | None = None, status: int = 200):

@@ -288,10 +288,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slow-samples", type=int, default=2,
                    help="samples for a cell-mode whose first sample took more than --slow-s")
     p.add_argument("--slow-s", type=float, default=30.0)
+    p.add_argument("--very-slow-s", type=float, default=150.0,
+                   help="a cell-mode whose first sample took longer gets a single sample")
     p.add_argument("--vanilla-max-m", type=int, default=8,
                    help="largest m for vanilla lora (~4 min per sample at 2000 x 8 on 2 cores)")
     p.add_argument("--suffix", type=int, default=40, help="per-evaluation suffix tokens")
-    p.add_argument("--kv-cache-gb", type=float, default=2.0,
+    p.add_argument("--kv-cache-gb", type=float, default=1.5,
                    help="CPU KV cache of the patched engine (lora-patched 2000 x 32 needs ~1.5)")
     p.add_argument("--vanilla-kv-cache-gb", type=float, default=1.0,
                    help="CPU KV cache of the vanilla (and patched-loop) engine")
@@ -390,7 +392,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_format=load_format,
         settings=dict(
             tokens=tokens, m=ms, modes={m: MODE_HELP[m] for m in modes}, samples=args.samples,
-            slow_samples=args.slow_samples, slow_s=args.slow_s, suffix_tokens=args.suffix,
+            slow_samples=args.slow_samples, slow_s=args.slow_s, very_slow_s=args.very_slow_s,
+            suffix_tokens=args.suffix,
             vanilla_max_m=args.vanilla_max_m, max_model_len=max_len,
             adapter="random rank-16 LoRA on q/k/v/o (bf16), non-zero B",
             engines={n: {k: v for k, v in w.info.items() if k != "event"} for n, w in workers.items()},
@@ -430,8 +433,9 @@ def _run_group(group: list[Cell], workers: dict[str, Worker], args: argparse.Nam
             result["loadavg_1m"] = load
             cell.samples.append(result)
             if len(cell.samples) == 1 and result.get("wall_ms", 0) > args.slow_s * 1000:
-                bar.total -= max(0, cell.target - args.slow_samples)
-                cell.target = min(cell.target, args.slow_samples)
+                keep = 1 if result["wall_ms"] > args.very_slow_s * 1000 else args.slow_samples
+                bar.total -= max(0, cell.target - keep)
+                cell.target = min(cell.target, keep)
             bar.update(1)
             bar.set_postfix_str(
                 f"{cell.tokens}x{cell.m} {cell.mode} "

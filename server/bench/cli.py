@@ -49,7 +49,7 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--model", help="HF model folder (default: embedded SmolLM2-135M-Instruct)")
     where.add_argument("--dims", choices=sorted(DIMS), help="random weights of these dimensions")
     where.add_argument("--max-model-len", type=int, help="context (default: model's, at most 8192)")
-    where.add_argument("--kv-cache-gb", type=float, default=2.0, help="CPU KV cache of the server")
+    where.add_argument("--kv-cache-gb", type=float, default=1.5, help="CPU KV cache of the server")
     where.add_argument("--policies-dir", type=Path, help="where synthetic policies are written")
     where.add_argument("--write-policies", action="store_true",
                        help="only write the synthetic policies (for a server you start) and exit")

@@ -286,7 +286,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"subset of {', '.join(MODES)}")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--slow-samples", type=int, default=2,
-                   help="samples for a cell-mode whose first sample took more than --slow-s")
+                   help="samples for a plain-LoRA cell whose first sample took more than --slow-s")
     p.add_argument("--slow-s", type=float, default=30.0)
     p.add_argument("--very-slow-s", type=float, default=150.0,
                    help="a cell-mode whose first sample took longer gets a single sample")
@@ -432,7 +432,10 @@ def _run_group(group: list[Cell], workers: dict[str, Worker], args: argparse.Nam
                 result = dict(errors=cell.m, error=f"{worker.name} worker: {exc}"[:300])
             result["loadavg_1m"] = load
             cell.samples.append(result)
-            if len(cell.samples) == 1 and result.get("wall_ms", 0) > args.slow_s * 1000:
+            # only the no-sharing modes are cut short: a stall of a fast mode (a neighbour's
+            # burst) must not leave it with one or two samples
+            slow_mode = MODES[cell.mode][1] == "lora"
+            if slow_mode and len(cell.samples) == 1 and result.get("wall_ms", 0) > args.slow_s * 1000:
                 keep = 1 if result["wall_ms"] > args.very_slow_s * 1000 else args.slow_samples
                 bar.total -= max(0, cell.target - keep)
                 cell.target = min(cell.target, keep)

@@ -186,8 +186,10 @@ async def test_with_options_shares_the_connection_pool(flavor, gk):
     assert fast._http is client._http and (fast.timeout, fast.max_retries) == (0.001, 0)
     assert (client.timeout, client.max_retries) != (0.001, 0)
     assert (await call(fast.check, turn())).errored  # its deadline applies
+    assert len(sent) <= 1  # a 1 ms deadline may pass before the request is even sent
+    before = len(sent)
     assert not (await call(client.check, turn(), policies=["never"])).errored
-    assert len(sent) == 2
+    assert len(sent) == before + 1  # both went through the one shared httpx client
     await call(http.close if flavor == "sync" else http.aclose)
 
 

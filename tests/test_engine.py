@@ -14,7 +14,6 @@ import uuid
 import pytest
 import pytest_asyncio
 import torch
-
 from guardkit_server.adapters import AdapterError
 from guardkit_server.contract import PolicyPrompt
 from guardkit_server.engine import Evaluation, EvaluationError

@@ -9,8 +9,8 @@ from fastapi import FastAPI, Request
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from ..adapters import ModelInfo
-from ..contract import PromptContract
 from ..config import BUILTIN_POLICIES, ServerConfig
+from ..contract import PromptContract
 from ..engine import EngineConfig, GuardEngine
 from ..fanout import FanOut
 from ..metrics import Metrics

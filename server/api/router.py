@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -69,7 +70,9 @@ def policy_info(p: LoadedPolicy) -> PolicyInfo:
 
 
 @router.post("/v1/guard", response_model=GuardResult, dependencies=[Depends(ready)])
-async def guard(body: GuardRequest, request: Request, who: Tenant = Depends(tenant)) -> GuardResult:
+async def guard(
+    body: GuardRequest, request: Request, who: Annotated[Tenant, Depends(tenant)]
+) -> GuardResult:
     """Judge a conversation against policies; one verdict per policy plus the turn's decision."""
     return await _server(request).fanout.guard(body, who)
 

@@ -15,7 +15,6 @@ import sys
 
 import torch
 
-
 # Many short runs (aLoRA: one per policy, each the ~40-token policy turn) are done as one
 # padded batched matmul instead of a Python loop of tiny matmuls, whose per-op overhead
 # otherwise grows with m x layers x projections. Long runs (plain LoRA prefills) keep the loop.

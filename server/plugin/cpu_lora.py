@@ -129,8 +129,8 @@ def expand_slice_prefill(self, y, x, w_t_all, y_offset, y_slice_size, add_inputs
             target.copy_(out)
 
 
-def _live_slots(stacked: torch.Tensor) -> frozenset[int]:
-    """Slots whose weights in this stacked LoRA tensor are not all zero.
+def _live_slots(stacked: torch.Tensor) -> frozenset[int] | None:
+    """Slots whose weights in this stacked LoRA tensor are not all zero (None: unknown).
 
     vLLM wraps every supported projection of the model, and zeroes a slot's weights in the
     projections an adapter does not target (guardkit trains q/k/v/o: the MLP layers carry none).
@@ -140,7 +140,7 @@ def _live_slots(stacked: torch.Tensor) -> frozenset[int]:
     try:
         version = stacked._version
     except RuntimeError:  # an inference tensor keeps no version counter: never skip
-        return _ALL_SLOTS
+        return None
     cached = stacked.__dict__.get("_guardkit_live")
     if cached is not None and cached[0] == version:
         return cached[1]
@@ -150,20 +150,16 @@ def _live_slots(stacked: torch.Tensor) -> frozenset[int]:
     return live
 
 
-class _AllSlots(frozenset):  # type: ignore[type-arg]
-    def __and__(self, other):  # type: ignore[no-untyped-def]
-        return frozenset(other)
-
-
-_ALL_SLOTS = _AllSlots()
-
-
 def _no_weights_for_batch(wrapper, lora_a_stacked) -> bool:  # type: ignore[no-untyped-def]
     """True when no adapter of this prefill batch has weights in this layer: LoRA adds exactly 0."""
     if wrapper.no_lora or not wrapper.is_prefill or not _V2:
         return False
     slots = {slot for _, _, slot in _segments(wrapper).segments}
-    return not any(_live_slots(a) & slots for a in lora_a_stacked)
+    for stacked in lora_a_stacked:
+        live = _live_slots(stacked)
+        if live is None or live & slots:
+            return False
+    return True
 
 
 def patch_cpu_punica() -> None:

@@ -156,10 +156,11 @@ def build_policy(
     version: str = "1",
 ) -> Path:
     """A policy folder (adapter + guardkit-policy.json) for a tiny model; "base": manifest only."""
+    from transformers import AutoTokenizer
+
     from guardkit_server.adapters import fingerprint
     from guardkit_server.contract import PromptContract
     from guardkit_server.policy import BaseModelRef, PolicyManifest, write_manifest
-    from transformers import AutoTokenizer
 
     invocation = list(PromptContract(AutoTokenizer.from_pretrained(model_dir)).default_invocation_ids)
     activated = method == "alora"

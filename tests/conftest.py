@@ -35,8 +35,9 @@ class TinyAssets:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
-    from guardkit_server.contract import PromptContract
     from transformers import AutoTokenizer
+
+    from guardkit_server.contract import PromptContract
 
     root = tmp_path_factory.mktemp("tiny")
     qwen3 = builders.build_model(root / "qwen3", "qwen3")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from transformers import AutoTokenizer
+
 from guardkit_server.contract import (
     ContractError,
     PolicyPrompt,
     PromptContract,
     find_last,
 )
-from transformers import AutoTokenizer
 
 CONVERSATION = [
     {"role": "user", "content": "How do I bake bread?"},

@@ -14,6 +14,7 @@ import uuid
 import pytest
 import pytest_asyncio
 import torch
+
 from guardkit_server.adapters import AdapterError
 from guardkit_server.contract import PolicyPrompt
 from guardkit_server.engine import Evaluation, EvaluationError

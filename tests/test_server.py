@@ -8,11 +8,11 @@ import uuid
 
 import httpx
 import pytest
+
+from guardkit.types import GuardResult, PolicyList
 from guardkit_server.contract import PolicyPrompt
 from guardkit_server.engine import Evaluation
 from guardkit_server.policy import load_manifest
-
-from guardkit.types import GuardResult, PolicyList
 
 pytestmark = [pytest.mark.server]
 ACTIVATED = ["always", "never", "coin"]

@@ -20,8 +20,14 @@ import torch
 from guardkit_server.contract import PolicyPrompt
 from guardkit_server.policy import load_manifest
 from guardkit_server.training import cli
-from guardkit_server.training.examples import DataError, Example, encode_all, fit_messages, read_jsonl
-from guardkit_server.training.lowrank import AdapterSpec, attach, export_peft
+from guardkit_server.training.examples import (
+    DataError,
+    Example,
+    encode_all,
+    fit_messages,
+    read_jsonl,
+)
+from guardkit_server.training.lowrank import AdapterSpec, export_peft
 from guardkit_server.training.metrics import compute_metrics
 
 TIGHT = 1e-4
@@ -70,11 +76,14 @@ def trained(tiny, toy, tmp_path_factory) -> dict[str, Path]:
     """One small policy per method, trained through the CLI entry point."""
     root = tmp_path_factory.mktemp("trained")
     out = {}
-    for method, lr in (("alora", 2e-2), ("lora", 2e-2), ("curlora", 2.0)):
+    # CURLoRA's update lives in a fixed subspace of small-norm rows and columns: on the random tiny
+    # model attention alone cannot move the label logits enough, so it also adapts the MLP.
+    attention, everything = "q_proj,k_proj,v_proj,o_proj", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    for method, lr, targets in (("alora", 2e-2, attention), ("lora", 2e-2, attention), ("curlora", 0.5, everything)):
         folder = root / method
         rc = cli.run_train(train_args(
             data=toy, out=folder, name=f"toy-{method}", rule=RULE, model=tiny.qwen3, method=method,
-            rank=4, lr=lr, steps=30, batch_size=4, warmup=2, val_fraction=0.2, eval_every=10, quiet=True,
+            rank=4, targets=targets, lr=lr, steps=30, batch_size=4, warmup=2, val_fraction=0.2, eval_every=10, quiet=True,
         ))
         assert rc == 0
         out[method] = folder
@@ -284,8 +293,13 @@ def test_continue_from_policy_without_state(tiny, trained, toy, tmp_path):
     """A shipped policy (no optimizer state) continues from its exported weights."""
     import shutil
 
-    from guardkit_server.training.trainer import STATE_FILE, build_adapted, restore_from_peft, spec_from
     from guardkit_server.contract import PromptContract
+    from guardkit_server.training.trainer import (
+        STATE_FILE,
+        build_adapted,
+        restore_from_peft,
+        spec_from,
+    )
 
     for method in ("alora", "curlora"):
         folder = tmp_path / method
@@ -295,7 +309,8 @@ def test_continue_from_policy_without_state(tiny, trained, toy, tmp_path):
         contract = PromptContract.from_pretrained(str(tiny.qwen3))
         from guardkit_server.training.trainer import TrainConfig
 
-        config = TrainConfig(method=method, rank=4, alpha=8.0)
+        targets = tuple(manifest.training["config"]["target_modules"])
+        config = TrainConfig(method=method, rank=4, alpha=8.0, target_modules=targets)
         adapted = build_adapted(str(tiny.qwen3), contract, spec_from(config, manifest.prompt(), contract), 0, torch.float32)
         restore_from_peft(adapted, folder)
         batch = _batch(contract)

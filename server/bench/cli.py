@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import machine, report, runner
-from .synthetic import DIMS, METHODS, policy_name, policy_rule
+from .synthetic import DIMS, policy_name, policy_rule
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 FULL = dict(lengths="100,200,300,500,1000,2000,3000,5000", m="1,5,10,20,30,50,100", samples=5,

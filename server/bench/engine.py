@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cells = [
         Cell(t, m, mode, args.samples,
-             skipped="vanilla lora stops at m = %d (--vanilla-max-m)" % args.vanilla_max_m
+             skipped=f"vanilla lora stops at m = {args.vanilla_max_m} (--vanilla-max-m)"
              if mode == "lora" and m > args.vanilla_max_m else None)
         for t in tokens for m in ms for mode in modes
     ]
@@ -453,7 +453,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     walls = {(r["tokens"], r["m"], r["mode"]): r.get("wall_ms") for r in rows}
     out = []
     for t, m in sorted({(r["tokens"], r["m"]) for r in rows}):
-        get = lambda mode: walls.get((t, m, mode))  # noqa: E731
+        get = lambda mode, t=t, m=m: walls.get((t, m, mode))  # noqa: E731
         entry: dict[str, Any] = dict(tokens=t, m=m)
         if get("alora") and get("base"):
             entry["alora_over_base"] = round(get("alora") / get("base"), 2)

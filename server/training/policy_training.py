@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..contract import DEFAULT_LABELS, DEFAULT_QUESTION, ContractError, PolicyPr
 from ..policy import BaseModelRef, PolicyError, PolicyManifest, load_manifest, write_manifest
 from .examples import DataError, Example, check_labels_present, encode_all
 from .trainer import (
+    LOG_FILE,
     TrainConfig,
     TrainLog,
     TrainResult,
@@ -175,7 +177,13 @@ def run(job: TrainJob) -> TrainOutcome:
         training=training,
     )
     write_manifest(folder, manifest)
-    write_log(folder, result.log, f"{policy.name} ({config.method}, rank {config.rank})")
+    log = result.log
+    previous_log = Path(job.continue_from) / LOG_FILE if job.continue_from is not None else None
+    if previous_log is not None and previous_log.exists():
+        log = TrainLog()  # the curve of the whole history: steps are global
+        log.extend(json.loads(previous_log.read_text()))
+        log.extend(asdict(result.log))
+    write_log(folder, log, f"{policy.name} ({config.method}, rank {config.rank})")
     return TrainOutcome(folder, manifest, result, result.log)
 
 

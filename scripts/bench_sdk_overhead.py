@@ -261,10 +261,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     start, end = report["load"]["start"], report["load"]["end"]
     lines += [
         "",
-        f"`in-process` rows: both clients against `httpx.MockTransport` answering with a real "
-        f"server answer (no network, no server): the SDK's own CPU cost (request building, retry "
-        f"policy, pydantic parsing of the result). Overhead p99 on a loaded machine is mostly "
-        f"the scheduler: the in-process row, with no network and no server, shows it too.",
+        "`in-process` rows: both clients against `httpx.MockTransport` answering with a real "
+        "server answer (no network, no server): the SDK's own CPU cost (request building, retry "
+        "policy, pydantic parsing of the result). Overhead p99 on a loaded machine is mostly "
+        "the scheduler: the in-process row, with no network and no server, shows it too.",
         "",
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores{', ' + ', '.join(m['gpus']) if m.get('gpus') else ''}; load average "
         f"{start.get('loadavg')} at start, {end.get('loadavg')} at end (a shared machine). "

@@ -165,16 +165,32 @@ def environment() -> dict[str, Any]:
     }
 
 
-def evaluate_accuracy() -> None:
+def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
+    """Evaluate (policy, model) cells whose runs exist; merge them into accuracy.json.
+
+    Cells are replaced one by one, so methods trained at different times can be added later;
+    each result keeps its own date.
+    """
     jobs = []
-    for policy in BUILTIN_POLICIES:
-        alora = run_dir(policy, "alora")
-        jobs.append((policy, alora, "zero-shot", True))
-        for method in METHODS:
-            jobs.append((policy, run_dir(policy, method), method, False))
+    for policy in policies:
+        for model in models:
+            folder = run_dir(policy, "alora" if model == "zero-shot" else model)
+            if not (folder / "guardkit-policy.json").exists():
+                print(f"skip {policy}/{model}: not trained", flush=True)
+                continue
+            jobs.append((policy, folder, model, model == "zero-shot"))
     results = asyncio.run(_evaluate(jobs))
-    data = {"environment": environment(), "hyper_parameters": {"common": COMMON, **METHOD_ARGS}, "results": results}
-    (BENCH_DIR / "accuracy.json").write_text(json.dumps(_strip(data), indent=1) + "\n")
+    env = environment()
+    for r in results:
+        r["date"] = env["date"]
+    path = BENCH_DIR / "accuracy.json"
+    old = json.loads(path.read_text())["results"] if path.exists() else []
+    fresh = {(r["dataset"], r["model"]) for r in results}
+    merged = [r for r in old if (r["dataset"], r["model"]) not in fresh] + results
+    order = {p: i for i, p in enumerate(BUILTIN_POLICIES)}
+    merged.sort(key=lambda r: (order.get(r["dataset"], 99), ("zero-shot", *METHODS).index(r["model"])))
+    data = {"environment": env, "hyper_parameters": {"common": COMMON, **METHOD_ARGS}, "results": merged}
+    path.write_text(json.dumps(_strip(data), indent=1) + "\n")
 
 
 def evaluate_continual() -> None:
@@ -243,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install"))
     parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
     parser.add_argument("--method", action="append", choices=METHODS)
+    parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
     args = parser.parse_args(argv)
     if args.stage == "train":
         train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS))
     elif args.stage == "continual":
         train_continual(args.method or list(CONTINUAL_METHODS))
     elif args.stage == "eval":
-        evaluate_accuracy()
+        models = (["zero-shot"] if args.zero_shot or not args.method else []) + (args.method or list(METHODS))
+        evaluate_accuracy(args.policy or list(BUILTIN_POLICIES), models)
     elif args.stage == "eval-continual":
         evaluate_continual()
     elif args.stage == "report":

@@ -83,7 +83,9 @@ def train_all(policies: list[str], methods: list[str]) -> None:
             )
 
 
-def train_continual(methods: list[str]) -> None:
+def train_continual(methods: list[str], b_steps: int | None) -> None:
+    """Continue each method's task-A run on task B (all of B's train split, or ``b_steps`` steps)."""
+    b_length = ["--steps", str(b_steps)] if b_steps else []
     for method in methods:
         first = run_dir(CONTINUAL_A, method)
         if not (first / "guardkit-policy.json").exists():
@@ -95,7 +97,7 @@ def train_continual(methods: list[str]) -> None:
         _guardkit_train(
             ["--dataset", CONTINUAL_B, "--continue-from", str(first), "--out", str(out),
              "--name", f"{CONTINUAL_A}-then-{CONTINUAL_B}", "--rule", BUILTIN_POLICIES[CONTINUAL_B].rule,
-             *COMMON, *METHOD_ARGS[method]],
+             *COMMON, *METHOD_ARGS[method], *b_length],
             out.parent / f"{method}.log",
         )
 
@@ -196,16 +198,28 @@ def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
 def evaluate_continual() -> None:
     jobs = []
     for method in CONTINUAL_METHODS:
-        jobs.append((CONTINUAL_A, run_dir(CONTINUAL_A, method), f"{method}: after A", False))
-        jobs.append((CONTINUAL_A, continual_dir(method), f"{method}: after A then B", False))
-        jobs.append((CONTINUAL_B, continual_dir(method), f"{method}: after A then B (on B)", False))
-        jobs.append((CONTINUAL_B, run_dir(CONTINUAL_B, method), f"{method}: B only", False))
+        cells = [
+            (CONTINUAL_A, run_dir(CONTINUAL_A, method), f"{method}: after A"),
+            (CONTINUAL_A, continual_dir(method), f"{method}: after A then B"),
+            (CONTINUAL_B, continual_dir(method), f"{method}: after A then B (on B)"),
+            (CONTINUAL_B, run_dir(CONTINUAL_B, method), f"{method}: B only"),
+        ]
+        for dataset, folder, label in cells:
+            if (folder / "guardkit-policy.json").exists():
+                jobs.append((dataset, folder, label, False))
+            else:
+                print(f"skip {label}: not trained", flush=True)
     results = asyncio.run(_evaluate(jobs))
+    from ..policy import load_manifest
+
+    b_steps = {m: load_manifest(continual_dir(m)).training.get("steps_this_run") for m in CONTINUAL_METHODS
+               if (continual_dir(m) / "guardkit-policy.json").exists()}
     data = {
         "environment": environment(),
         "setup": {
             "A": CONTINUAL_A, "B": CONTINUAL_B,
             "protocol": "train on A's train split, continue the same adapter (weights and optimizer state) on B's, re-test on A's test split",
+            "b_steps": b_steps,
             "hyper_parameters": {"common": COMMON, **{m: METHOD_ARGS[m] for m in CONTINUAL_METHODS}},
         },
         "results": results,
@@ -260,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
     parser.add_argument("--method", action="append", choices=METHODS)
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
+    parser.add_argument("--b-steps", type=int, help="continual: optimizer steps on task B (default: B's whole recipe)")
     args = parser.parse_args(argv)
     if args.stage == "train":
         train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS))
     elif args.stage == "continual":
-        train_continual(args.method or list(CONTINUAL_METHODS))
+        train_continual(args.method or list(CONTINUAL_METHODS), args.b_steps)
     elif args.stage == "eval":
         models = (["zero-shot"] if args.zero_shot or not args.method else []) + (args.method or list(METHODS))
         evaluate_accuracy(args.policy or list(BUILTIN_POLICIES), models)

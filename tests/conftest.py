@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import builders  # noqa: E402
+from processes import running_guard_server  # noqa: E402
 
 pytest_plugins = ["sdk_fixtures"]
 
@@ -99,50 +100,6 @@ class GuardServerProcess:
         return {"Authorization": f"Bearer {self.admin_key}"}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, process, log: Path, timeout: float = 300.0) -> None:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"server not ready after {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def _die_with_test_process() -> None:
-    """Linux: the child gets SIGTERM when the test process dies, even if it is killed."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_server_process(args: list[str], log: Path, env: dict | None = None):
-    import subprocess
-
-    return subprocess.Popen(
-        [sys.executable, "-m", "guardkit_server.cli", "start", *args],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})}, preexec_fn=_die_with_test_process,
-    )
-
-
 @pytest.fixture(scope="session")
 def guard_server(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("server")
@@ -164,26 +121,14 @@ def guard_server(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory):
     builders.build_policy(q, spare / "always-dup", "always", seed=109)
     builders.build_policy(q, spare / "zeroshot", "zeroshot", seed=0, method="base")
 
-    port = free_port()
     keys = {"tenant-a": "key-a", "tenant-b": "key-b"}
     log = root / "server.log"
-    process = start_server_process(
-        [
-            "--model", str(q), "--policies", str(policies), "--port", str(port),
-            "--dtype", "float32", "--max-model-len", "2048", "--max-lora-rank", "8",
-            "--kv-cache-memory-gb", "0.25", "--max-policies-per-call", "6",
-            "--api-key", "tenant-a:key-a", "--api-key", "tenant-b:key-b",
-            "--admin-key", "admin-key",
-        ],
-        log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, log)
+    args = [
+        "--model", str(q), "--policies", str(policies),
+        "--dtype", "float32", "--max-model-len", "2048", "--max-lora-rank", "8",
+        "--kv-cache-memory-gb", "0.25", "--max-policies-per-call", "6",
+        "--api-key", "tenant-a:key-a", "--api-key", "tenant-b:key-b",
+        "--admin-key", "admin-key",
+    ]
+    with running_guard_server(args, log) as (url, process):
         yield GuardServerProcess(url, keys, "admin-key", policies, spare, log, process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except Exception:
-            process.kill()

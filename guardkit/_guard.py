@@ -94,3 +94,25 @@ def async_client(client: Guardkit | AsyncGuardkit | None) -> AsyncGuardkit:
     if client is None:
         return AsyncGuardkit()
     return client if isinstance(client, AsyncGuardkit) else client.to_async()
+
+
+class LazyClients:
+    """Mixin for integrations that run sync and async: the client of the other flavor is made
+    from the given one (sharing its settings) the first time it is needed."""
+
+    def _set_client(self, client: Guardkit | AsyncGuardkit | None) -> None:
+        self._client = client
+        self._sync: Guardkit | None = client if isinstance(client, Guardkit) else None
+        self._async: AsyncGuardkit | None = client if isinstance(client, AsyncGuardkit) else None
+
+    @property
+    def guardkit(self) -> Guardkit:
+        if self._sync is None:
+            self._sync = sync_client(self._client)
+        return self._sync
+
+    @property
+    def aguardkit(self) -> AsyncGuardkit:
+        if self._async is None:
+            self._async = async_client(self._client)
+        return self._async

@@ -30,7 +30,7 @@ from guardkit._client import AsyncGuardkit, Guardkit
 from guardkit._concurrency import arun_alongside, run_alongside
 from guardkit._config import GuardConfig
 from guardkit._exceptions import blocked_error
-from guardkit._guard import async_client, sync_client
+from guardkit._guard import LazyClients
 from guardkit._messages import assistant, to_messages
 from guardkit._report import GuardReport
 from guardkit._streaming import Window, aguard_stream, guard_stream
@@ -97,7 +97,7 @@ def _chunk_texts(chunk: Any) -> Mapping[int, str]:
 
 
 # ======================================================== the wrapper
-class GuardedRunnable(Runnable[Any, Any]):
+class GuardedRunnable(LazyClients, Runnable[Any, Any]):
     """A Runnable (chat model, chain ...) whose calls are guarded; see ``guardkit.guard``.
 
     Blocks raise ``InputBlocked`` / ``OutputBlocked``; with ``suppress`` the call returns a
@@ -115,23 +115,9 @@ class GuardedRunnable(Runnable[Any, Any]):
     ) -> None:
         self.bound = bound
         self.guard_config = config or GuardConfig()
-        self._client = client
-        self._sync: Guardkit | None = client if isinstance(client, Guardkit) else None
-        self._async: AsyncGuardkit | None = client if isinstance(client, AsyncGuardkit) else None
+        self._set_client(client)
 
     # ----------------------------------------------------------- plumbing
-    @property
-    def guardkit(self) -> Guardkit:
-        if self._sync is None:
-            self._sync = sync_client(self._client)
-        return self._sync
-
-    @property
-    def aguardkit(self) -> AsyncGuardkit:
-        if self._async is None:
-            self._async = async_client(self._client)
-        return self._async
-
     @property
     def InputType(self) -> Any:  # noqa: N802 - LangChain's name
         return self.bound.InputType

@@ -22,7 +22,7 @@ from langgraph.runtime import Runtime
 from guardkit._client import AsyncGuardkit, Guardkit
 from guardkit._config import GuardConfig
 from guardkit._exceptions import blocked_error
-from guardkit._guard import async_client, sync_client
+from guardkit._guard import LazyClients
 from guardkit._report import GuardReport
 from guardkit.types import GuardResult, Stage
 
@@ -33,7 +33,7 @@ __all__ = ["GuardkitMiddleware"]
 ExitBehavior = Literal["end", "raise"]
 
 
-class GuardkitMiddleware(AgentMiddleware):
+class GuardkitMiddleware(LazyClients, AgentMiddleware):
     """Check every model turn of an agent; block by ending the run or raising.
 
     ``client``: a ``Guardkit`` or ``AsyncGuardkit`` (its twin is derived for the other kind of
@@ -54,21 +54,7 @@ class GuardkitMiddleware(AgentMiddleware):
             raise ValueError(f"exit_behavior must be 'end' or 'raise', not {exit_behavior!r}")
         self.guard_config = (config or GuardConfig()).merged(options)
         self.exit_behavior = exit_behavior
-        self._client = client
-        self._sync: Guardkit | None = client if isinstance(client, Guardkit) else None
-        self._async: AsyncGuardkit | None = client if isinstance(client, AsyncGuardkit) else None
-
-    @property
-    def guardkit(self) -> Guardkit:
-        if self._sync is None:
-            self._sync = sync_client(self._client)
-        return self._sync
-
-    @property
-    def aguardkit(self) -> AsyncGuardkit:
-        if self._async is None:
-            self._async = async_client(self._client)
-        return self._async
+        self._set_client(client)
 
     # -------------------------------------------------------------- hooks
     @hook_config(can_jump_to=["end"])

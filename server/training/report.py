@@ -54,6 +54,14 @@ def write_accuracy_report(folder: Path) -> None:
             gaps.append(f"- {policy}: aLoRA - LoRA = {100 * (acc['alora'] - acc['lora']):+.1f} pp")
     if gaps:
         lines += ["aLoRA vs LoRA (accuracy):", "", *gaps, ""]
+    missing = [
+        f"{policy} / {model}"
+        for policy in dict.fromkeys(r["dataset"] for r in rows)
+        for model in ORDER
+        if not any(r["dataset"] == policy and r["model"] == model for r in rows)
+    ]
+    if missing:
+        lines += [f"Not measured yet (CPU time; `benchmark train` / `eval` resume them): {', '.join(missing)}.", ""]
     lines += ["![accuracy](accuracy.png)", ""]
     (folder / "accuracy.md").write_text("\n".join(lines))
     _bar_plot(
@@ -131,7 +139,7 @@ def _bar_plot(path: Path, rows: list[dict[str, Any]], *, group_key: str, series_
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=len(present), loc="lower center")
+    ax.legend(fontsize=7, ncol=len(present), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

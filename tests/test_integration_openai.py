@@ -147,7 +147,9 @@ async def test_streams_are_judged_in_overlapping_chunks(guarded, llm_server, rec
     else:
         client = AsyncGuardkit(base_url=guard_server.url, api_key="key-a", http_client=httpx.AsyncClient(event_hooks={"request": [arecord]}))
     llm = guarded(client=client)
-    stream = await call(llm.chat.completions.create, **ask(llm_server, "Count from one to twenty in words.", max_tokens=48, stream=True))
+    # min_tokens: the reply must span several windows whatever the model feels like saying
+    stream = await call(llm.chat.completions.create, **ask(
+        llm_server, "Count from one to twenty in words.", max_tokens=48, stream=True, extra_body={"min_tokens": 40}))
     chunks, error = await collect(stream)
     assert error is None
     text = text_of(chunks)

@@ -103,8 +103,9 @@ def train_continual(methods: list[str], b_steps: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------ evaluation
-async def _evaluate(jobs: list[tuple[str, Path, str, bool]]) -> list[dict[str, Any]]:
-    """jobs: (dataset, policy folder, label, zero-shot) -> metrics on the dataset's test split."""
+async def _evaluate(jobs: list[tuple]) -> list[dict[str, Any]]:
+    """jobs: (dataset, policy folder, label, zero-shot[, prompt folder]) -> metrics on the
+    dataset's test split; the prompt folder's rule replaces the policy's own."""
     from ..assets import ensure_default_model
     from ..contract import PromptContract
     from ..engine import EngineConfig, GuardEngine
@@ -118,12 +119,15 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool]]) -> list[dict[str, A
     await engine.start()
     results = []
     try:
-        for dataset, folder, label, zero_shot in jobs:
+        for dataset, folder, label, zero_shot, *prompt_from in jobs:
             examples = builtin_dataset(dataset).splits["test"]
             manifest = load_manifest(folder)
             max_tokens = manifest.training.get("config", {}).get("max_prompt_tokens") or 512
             started = time.perf_counter()
-            report = await score_with_engine(engine, contract, folder, examples, zero_shot=zero_shot, max_prompt_tokens=max_tokens)
+            report = await score_with_engine(
+                engine, contract, folder, examples, zero_shot=zero_shot, max_prompt_tokens=max_tokens,
+                prompt_from=prompt_from[0] if prompt_from else None,
+            )
             m = report.metrics
             print(f"{dataset:20s} {label:28s} {m.line()} ({time.perf_counter() - started:.0f} s)", flush=True)
             results.append({
@@ -195,7 +199,8 @@ def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
     path.write_text(json.dumps(_strip(data), indent=1) + "\n")
 
 
-def evaluate_continual() -> None:
+def evaluate_continual(stages: list[str] | None = None) -> None:
+    """All cells, or those of the given stages ("after A then B", ...), merged into continual.json."""
     jobs = []
     for method in CONTINUAL_METHODS:
         cells = [
@@ -205,11 +210,21 @@ def evaluate_continual() -> None:
             (CONTINUAL_B, run_dir(CONTINUAL_B, method), f"{method}: B only"),
         ]
         for dataset, folder, label in cells:
+            if stages and label.partition(": ")[2] not in stages:
+                continue
             if (folder / "guardkit-policy.json").exists():
-                jobs.append((dataset, folder, label, False))
+                # each test split is asked with its own task's rule, whatever the adapter trained on last
+                jobs.append((dataset, folder, label, False, run_dir(dataset, method)))
             else:
                 print(f"skip {label}: not trained", flush=True)
     results = asyncio.run(_evaluate(jobs))
+    env = environment()
+    for r in results:
+        r["date"] = env["date"]
+    path = BENCH_DIR / "continual.json"
+    fresh = {r["model"] for r in results}
+    old = json.loads(path.read_text())["results"] if path.exists() else []
+    results = [r for r in old if r["model"] not in fresh] + results
     from ..policy import load_manifest
 
     b_steps = {m: load_manifest(continual_dir(m)).training.get("steps_this_run") for m in CONTINUAL_METHODS
@@ -218,7 +233,7 @@ def evaluate_continual() -> None:
         "environment": environment(),
         "setup": {
             "A": CONTINUAL_A, "B": CONTINUAL_B,
-            "protocol": "train on A's train split, continue the same adapter (weights and optimizer state) on B's, re-test on A's test split",
+            "protocol": "train on A's train split, continue the same adapter (weights and optimizer state) on B's, re-test on A's test split with A's rule in the policy turn (each split is always asked with its own task's rule)",
             "b_steps": b_steps,
             "hyper_parameters": {"common": COMMON, **{m: METHOD_ARGS[m] for m in CONTINUAL_METHODS}},
         },
@@ -274,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
     parser.add_argument("--method", action="append", choices=METHODS)
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
+    parser.add_argument("--stage-filter", action="append", help='eval-continual: only these stages, e.g. "after A then B"')
     parser.add_argument("--b-steps", type=int, help="continual: optimizer steps on task B (default: B's whole recipe)")
     args = parser.parse_args(argv)
     if args.stage == "train":
@@ -284,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         models = (["zero-shot"] if args.zero_shot or not args.method else []) + (args.method or list(METHODS))
         evaluate_accuracy(args.policy or list(BUILTIN_POLICIES), models)
     elif args.stage == "eval-continual":
-        evaluate_continual()
+        evaluate_continual(args.stage_filter)
     elif args.stage == "report":
         report()
     else:

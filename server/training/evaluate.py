@@ -55,11 +55,19 @@ async def score_with_engine(
     zero_shot: bool = False,
     max_prompt_tokens: int | None = None,
     progress: bool = False,
+    prompt_from: str | Path | None = None,
 ) -> EvalReport:
-    """Scores through the engine; loads the policy's adapter for the call and unloads it after."""
+    """Scores through the engine; loads the policy's adapter for the call and unloads it after.
+
+    ``prompt_from``: another policy folder whose rule and labels make the prompts (the adapter
+    still comes from ``folder``), e.g. to re-test a continued adapter on its first task.
+    """
     import time
 
     manifest = load_manifest(folder)
+    if prompt_from is not None:
+        first = load_manifest(prompt_from)
+        manifest = manifest.model_copy(update={"rule": first.rule, "question": first.question, "labels": first.labels, "block_label": first.block_label})
     labels = contract.label_token_ids(manifest.labels)
     ids = prompt_ids(contract, manifest, examples, max_prompt_tokens)
     adapter = None

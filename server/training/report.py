@@ -100,7 +100,16 @@ def write_continual_report(folder: Path) -> None:
             f"| {method} | {_pct(a['accuracy'])} | {_pct(ab['accuracy'])} | {100 * forget:+.1f} pp | "
             f"{_pct(b['accuracy'])} | {_pct(b_only['accuracy']) if b_only else ''} |"
         )
-    lines += ["", "Accuracy in percent; forgetting = accuracy on A lost by training on B.", "", "![continual](continual.png)", ""]
+    lines += [
+        "", "Accuracy in percent; forgetting = accuracy on A lost by training on B.", "",
+        "Reading it: the jailbreak data labels plain harmful requests `No` (hard negatives: they break",
+        "another policy), so the B phase trains the opposite answer on inputs like A's. This measures",
+        "interference, the worst case for forgetting, and here CURLoRA forgets more than LoRA, unlike",
+        "the CURLoRA paper's setting (a small U can be overwritten quickly). In guardkit every policy has",
+        "its own adapter, so adding policy B never touches A; `--continue-from` is for new data of the",
+        "same policy.", "",
+        "![continual](continual.png)", "",
+    ]
     (folder / "continual.md").write_text("\n".join(lines))
     rows = []
     for r in data["results"]:

@@ -185,14 +185,9 @@ def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
                 print(f"skip {policy}/{model}: not trained", flush=True)
                 continue
             jobs.append((policy, folder, model, model == "zero-shot"))
-    results = asyncio.run(_evaluate(jobs))
     env = environment()
-    for r in results:
-        r["date"] = env["date"]
     path = BENCH_DIR / "accuracy.json"
-    old = json.loads(path.read_text())["results"] if path.exists() else []
-    fresh = {(r["dataset"], r["model"]) for r in results}
-    merged = [r for r in old if (r["dataset"], r["model"]) not in fresh] + results
+    merged = _merge(path, asyncio.run(_evaluate(jobs)), env)
     order = {p: i for i, p in enumerate(BUILTIN_POLICIES)}
     merged.sort(key=lambda r: (order.get(r["dataset"], 99), ("zero-shot", *METHODS).index(r["model"])))
     data = {"environment": env, "hyper_parameters": {"common": COMMON, **METHOD_ARGS}, "results": merged}
@@ -217,20 +212,15 @@ def evaluate_continual(stages: list[str] | None = None) -> None:
                 jobs.append((dataset, folder, label, False, run_dir(dataset, method)))
             else:
                 print(f"skip {label}: not trained", flush=True)
-    results = asyncio.run(_evaluate(jobs))
     env = environment()
-    for r in results:
-        r["date"] = env["date"]
     path = BENCH_DIR / "continual.json"
-    fresh = {r["model"] for r in results}
-    old = json.loads(path.read_text())["results"] if path.exists() else []
-    results = [r for r in old if r["model"] not in fresh] + results
+    results = _merge(path, asyncio.run(_evaluate(jobs)), env)
     from ..policy import load_manifest
 
     b_steps = {m: load_manifest(continual_dir(m)).training.get("steps_this_run") for m in CONTINUAL_METHODS
                if (continual_dir(m) / "guardkit-policy.json").exists()}
     data = {
-        "environment": environment(),
+        "environment": env,
         "setup": {
             "A": CONTINUAL_A, "B": CONTINUAL_B,
             "protocol": "train on A's train split, continue the same adapter (weights and optimizer state) on B's, re-test on A's test split with A's rule in the policy turn (each split is always asked with its own task's rule)",
@@ -239,7 +229,16 @@ def evaluate_continual(stages: list[str] | None = None) -> None:
         },
         "results": results,
     }
-    (BENCH_DIR / "continual.json").write_text(json.dumps(_strip(data), indent=1) + "\n")
+    path.write_text(json.dumps(_strip(data), indent=1) + "\n")
+
+
+def _merge(path: Path, fresh: list[dict[str, Any]], env: dict[str, Any]) -> list[dict[str, Any]]:
+    """The results already in ``path`` with the fresh ones replacing cells they measure again."""
+    for r in fresh:
+        r["date"] = env["date"]
+    measured = {(r["dataset"], r["model"]) for r in fresh}
+    old = json.loads(path.read_text())["results"] if path.exists() else []
+    return [r for r in old if (r["dataset"], r["model"]) not in measured] + fresh
 
 
 def _strip(data: dict[str, Any]) -> dict[str, Any]:

@@ -103,9 +103,9 @@ def train_continual(methods: list[str], b_steps: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------ evaluation
-async def _evaluate(jobs: list[tuple]) -> list[dict[str, Any]]:
-    """jobs: (dataset, policy folder, label, zero-shot[, prompt folder]) -> metrics on the
-    dataset's test split; the prompt folder's rule replaces the policy's own."""
+async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]]) -> list[dict[str, Any]]:
+    """jobs: (dataset, policy folder, label, zero-shot, prompt folder) -> metrics on the dataset's
+    test split; a prompt folder's rule replaces the policy's own (None: keep it)."""
     from ..assets import ensure_default_model
     from ..contract import PromptContract
     from ..engine import EngineConfig, GuardEngine
@@ -119,14 +119,14 @@ async def _evaluate(jobs: list[tuple]) -> list[dict[str, Any]]:
     await engine.start()
     results = []
     try:
-        for dataset, folder, label, zero_shot, *prompt_from in jobs:
+        for dataset, folder, label, zero_shot, prompt_from in jobs:
             examples = builtin_dataset(dataset).splits["test"]
             manifest = load_manifest(folder)
             max_tokens = manifest.training.get("config", {}).get("max_prompt_tokens") or 512
             started = time.perf_counter()
             report = await score_with_engine(
                 engine, contract, folder, examples, zero_shot=zero_shot, max_prompt_tokens=max_tokens,
-                prompt_from=prompt_from[0] if prompt_from else None,
+                prompt_from=prompt_from,
             )
             m = report.metrics
             print(f"{dataset:20s} {label:28s} {m.line()} ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -184,7 +184,7 @@ def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
             if not (folder / "guardkit-policy.json").exists():
                 print(f"skip {policy}/{model}: not trained", flush=True)
                 continue
-            jobs.append((policy, folder, model, model == "zero-shot"))
+            jobs.append((policy, folder, model, model == "zero-shot", None))
     env = environment()
     path = BENCH_DIR / "accuracy.json"
     merged = _merge(path, asyncio.run(_evaluate(jobs)), env)

@@ -105,5 +105,7 @@ def load_manifest(folder: str | Path) -> PolicyManifest:
 
 def write_manifest(folder: str | Path, manifest: PolicyManifest) -> Path:
     path = Path(folder) / MANIFEST_FILE
-    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    partial.replace(path)  # a server reading the folder sees the old manifest or the new one
     return path

@@ -28,7 +28,7 @@ from guardkit_server.training.examples import (
     read_jsonl,
 )
 from guardkit_server.training.lowrank import AdapterSpec, export_peft
-from guardkit_server.training.metrics import compute_metrics
+from guardkit_server.training.metrics import compute_metrics, pick_threshold
 
 TIGHT = 1e-4
 LOGPROB_TOL = 2e-3
@@ -269,7 +269,50 @@ def test_training_learns_the_toy_task(trained):
         log = json.loads((folder / "training_log.json").read_text())
         first, last = sum(log["loss"][:3]) / 3, sum(log["loss"][-3:]) / 3
         assert last < 0.5 * first, (method, first, last)
-        assert load_manifest(folder).training["validation"]["accuracy"] >= 0.75, method
+        manifest = load_manifest(folder)
+        val = manifest.training["validation"]
+        assert val["accuracy"] >= 0.75, method
+        # no --threshold given: picked on the validation scores, never worse there than argmax
+        assert val["threshold_source"] == "validation" and manifest.threshold == val["threshold"], method
+        assert val["accuracy_at_threshold"] >= val["accuracy"], method
+
+
+@pytest.mark.engine
+@pytest.mark.asyncio(loop_scope="session")
+async def test_eval_picks_and_saves_the_threshold(engine, tiny, trained, toy, tmp_path, capsys):
+    """guardkit eval --pick-threshold: the served scores choose the threshold, the manifest keeps it."""
+    import shutil
+
+    folder = tmp_path / "policy"
+    shutil.copytree(trained["alora"], folder)
+    before = load_manifest(folder)
+    parser = argparse.ArgumentParser()
+    cli.configure_eval(parser)
+    out = tmp_path / "eval.json"
+    args = parser.parse_args([str(folder), "--data", str(toy), "--model", str(tiny.qwen3), "--pick-threshold",
+                              "--out", str(out), "--quiet"])
+    assert await cli._eval(args, engine=engine) == 0
+    result = json.loads(out.read_text())
+    picked = pick_threshold(result["scores"], result["truth"])
+    after = load_manifest(folder)
+    assert after.threshold == picked and result["metrics"]["threshold"] == picked
+    assert after.model_dump(exclude={"threshold"}) == before.model_dump(exclude={"threshold"})
+    best = max(compute_metrics(result["scores"], result["truth"], t).accuracy for t in [0.0, 1.0, *result["scores"]])
+    assert result["metrics"]["accuracy"] == pytest.approx(best)
+    assert f"-> {picked:.3f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "jailbreak", "--split", "test"], "--split validation"),
+    (["--data", "x.jsonl", "--zero-shot"], "--zero-shot"),
+])
+def test_eval_refuses_to_pick_a_threshold_on_test_data(trained, tmp_path, capsys, extra, message):
+    parser = argparse.ArgumentParser()
+    cli.configure_eval(parser)
+    before = (trained["alora"] / "guardkit-policy.json").read_text()
+    assert cli.run_eval(parser.parse_args([str(trained["alora"]), "--pick-threshold", *extra])) == 2
+    assert message in capsys.readouterr().err
+    assert (trained["alora"] / "guardkit-policy.json").read_text() == before
 
 
 def test_continue_from_resumes_exactly(tiny, toy, tmp_path):
@@ -286,6 +329,7 @@ def test_continue_from_resumes_exactly(tiny, toy, tmp_path):
         assert torch.allclose(b[k], c[k], atol=1e-6), k
     manifest = load_manifest(tmp_path / "b")
     assert manifest.training["steps"] == 8 and manifest.training["steps_this_run"] == 4
+    assert manifest.threshold == 0.5  # no validation data to pick one on
     assert manifest.training["continued_from"]["steps"] == 4
 
 
@@ -346,6 +390,29 @@ def test_metrics_on_known_scores():
     assert sum(b["n"] for b in m.reliability) == 6
     perfect = compute_metrics([1.0, 0.0], [True, False])
     assert perfect.ece == pytest.approx(0.0) and perfect.accuracy == 1.0
+
+
+def test_pick_threshold_on_known_scores():
+    # positives 0.3, 0.35, 0.9; negatives 0.1, 0.2, 0.6: 0.5 gets 3/6 right, 0.25 gets 5/6
+    scores, truth = [0.3, 0.35, 0.9, 0.1, 0.2, 0.6], [True, True, True, False, False, False]
+    assert compute_metrics(scores, truth, 0.5).accuracy == pytest.approx(3 / 6)
+    assert pick_threshold(scores, truth) == pytest.approx(0.25)
+    assert compute_metrics(scores, truth, pick_threshold(scores, truth)).accuracy == pytest.approx(5 / 6)
+    # separable at 0.5 already: the tie-break keeps it
+    assert pick_threshold([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 0.5
+    assert pick_threshold([], []) == 0.5
+
+
+def test_pick_threshold_is_the_best_on_random_scores():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randint(1, 40)
+        scores = [round(rng.random(), 2) for _ in range(n)]  # ties included
+        truth = [rng.random() < 0.5 for _ in range(n)]
+        best = max(compute_metrics(scores, truth, t).accuracy for t in [0.0, 1.0, *scores])  # a threshold is at most 1
+        assert compute_metrics(scores, truth, pick_threshold(scores, truth)).accuracy == pytest.approx(best)
 
 
 @pytest.mark.skipif(

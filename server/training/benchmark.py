@@ -103,15 +103,21 @@ def train_continual(methods: list[str], b_steps: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------ evaluation
-async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]]) -> list[dict[str, Any]]:
+async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_threshold: bool) -> list[dict[str, Any]]:
     """jobs: (dataset, policy folder, label, zero-shot, prompt folder) -> metrics on the dataset's
-    test split; a prompt folder's rule replaces the policy's own (None: keep it)."""
+    test split; a prompt folder's rule replaces the policy's own (None: keep it).
+
+    ``tune_threshold``: every cell, zero-shot included, blocks at the threshold that is most
+    accurate on the dataset's validation split (scored the same way), so no method is judged by a
+    miscalibrated 0.5; otherwise at the policy's own threshold.
+    """
     from ..assets import ensure_default_model
     from ..contract import PromptContract
     from ..engine import EngineConfig, GuardEngine
     from ..policy import load_manifest
     from .datasets import builtin_dataset
     from .evaluate import score_with_engine
+    from .metrics import compute_metrics, pick_threshold
 
     model = str(ensure_default_model())
     contract = PromptContract.from_pretrained(model)
@@ -120,19 +126,26 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]]) -> lis
     results = []
     try:
         for dataset, folder, label, zero_shot, prompt_from in jobs:
-            examples = builtin_dataset(dataset).splits["test"]
+            splits = builtin_dataset(dataset).splits
             manifest = load_manifest(folder)
             max_tokens = manifest.training.get("config", {}).get("max_prompt_tokens") or 512
             started = time.perf_counter()
-            report = await score_with_engine(
-                engine, contract, folder, examples, zero_shot=zero_shot, max_prompt_tokens=max_tokens,
-                prompt_from=prompt_from,
-            )
+            common = {"zero_shot": zero_shot, "max_prompt_tokens": max_tokens, "prompt_from": prompt_from}
+            tuned: dict[str, Any] = {}
+            threshold = None
+            if tune_threshold:
+                val = await score_with_engine(engine, contract, folder, splits["validation"], **common)
+                threshold = pick_threshold(val.scores, val.truth)
+                tuned = {"threshold": threshold, "validation_accuracy": compute_metrics(val.scores, val.truth, threshold).accuracy}
+            report = await score_with_engine(engine, contract, folder, splits["test"], threshold=threshold, **common)
+            if tune_threshold:
+                at_half = compute_metrics(report.scores, report.truth, 0.5)
+                tuned["metrics_at_0.5"] = {k: getattr(at_half, k) for k in ("accuracy", "precision", "recall", "f1")}
             m = report.metrics
             print(f"{dataset:20s} {label:28s} {m.line()} ({time.perf_counter() - started:.0f} s)", flush=True)
             results.append({
                 "dataset": dataset, "split": "test", "model": label, "policy_folder": str(folder),
-                "zero_shot": zero_shot, "method": report.method, "metrics": m.to_dict(),
+                "zero_shot": zero_shot, "method": report.method, "metrics": m.to_dict(), **tuned,
                 "prompt_tokens": report.prompt_tokens, "cached_tokens": report.cached_tokens,
                 "seconds": round(report.seconds, 1), "max_prompt_tokens": max_tokens,
                 "train_seconds": None if zero_shot else manifest.training.get("train_seconds"),
@@ -187,7 +200,7 @@ def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
             jobs.append((policy, folder, model, model == "zero-shot", None))
     env = environment()
     path = BENCH_DIR / "accuracy.json"
-    merged = _merge(path, asyncio.run(_evaluate(jobs)), env)
+    merged = _merge(path, asyncio.run(_evaluate(jobs, tune_threshold=True)), env)
     order = {p: i for i, p in enumerate(BUILTIN_POLICIES)}
     merged.sort(key=lambda r: (order.get(r["dataset"], 99), ("zero-shot", *METHODS).index(r["model"])))
     data = {"environment": env, "hyper_parameters": {"common": COMMON, **METHOD_ARGS}, "results": merged}
@@ -214,7 +227,7 @@ def evaluate_continual(stages: list[str] | None = None) -> None:
                 print(f"skip {label}: not trained", flush=True)
     env = environment()
     path = BENCH_DIR / "continual.json"
-    results = _merge(path, asyncio.run(_evaluate(jobs)), env)
+    results = _merge(path, asyncio.run(_evaluate(jobs, tune_threshold=False)), env)
     from ..policy import load_manifest
 
     b_steps = {m: load_manifest(continual_dir(m)).training.get("steps_this_run") for m in CONTINUAL_METHODS
@@ -273,12 +286,15 @@ def install() -> None:
         manifest = load_manifest(src)
         test = next((r for r in accuracy["results"] if r["dataset"] == policy and r["model"] == "alora"), None)
         training = dict(manifest.training)
+        update: dict[str, Any] = {}
+        if test is not None and "threshold" in test:
+            update["threshold"] = test["threshold"]  # picked on the validation split through the engine
         if test is not None:
             m = test["metrics"]
             training["test"] = {k: m[k] for k in ("n", "accuracy", "precision", "recall", "f1", "ece", "brier", "confusion")}
             training["test"]["measured"] = "through the patched vLLM engine (docs/benchmarks/accuracy.json)"
         training.get("environment", {}).pop("cpus", None)
-        write_manifest(dst, manifest.model_copy(update={"training": training}))
+        write_manifest(dst, manifest.model_copy(update={**update, "training": training}))
         print(f"installed {dst}")
 
 

@@ -50,7 +50,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     pol.add_argument("--question", default=None, help=f"default: {DEFAULT_QUESTION!r}")
     pol.add_argument("--labels", type=_labels, default=None, help="comma-separated single-token labels (default Yes,No)")
     pol.add_argument("--block-label", default=None, help="the label that means 'breaks the policy' (default: the first)")
-    pol.add_argument("--threshold", type=float, default=None)
+    pol.add_argument("--threshold", type=float, default=None, help="block when the score reaches it (default: the most accurate on the validation data)")
     pol.add_argument("--policy-version", default=None)
 
     tr = parser.add_argument_group("training")
@@ -153,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
         name=name, rule=rule, description=description,
         question=args.question or (base.question if base else DEFAULT_QUESTION),
         labels=tuple(labels), block_label=args.block_label or (base.block_label if base else labels[0]),
-        threshold=args.threshold if args.threshold is not None else (base.threshold if base else 0.5),
+        threshold=args.threshold,  # None: picked on the validation data after training
         version=args.policy_version or (base.version if base else "1"),
     )
     method = args.method
@@ -173,8 +173,11 @@ def _train(args: argparse.Namespace) -> int:
     )
     outcome = run(job)
     val_line = ""
-    if outcome.result.val:
-        val_line = f", validation accuracy {outcome.result.val['accuracy']:.3f} (n={outcome.result.val['n']})"
+    val = outcome.manifest.training.get("validation")
+    if val:
+        val_line = f", validation accuracy {val['accuracy']:.3f} (n={val['n']})"
+        if "threshold" in val:
+            val_line += f"; threshold {val['threshold']:.3f} ({val['threshold_source']}): accuracy {val['accuracy_at_threshold']:.3f}"
     print(
         f"guardkit train: wrote {outcome.folder} ({outcome.manifest.method}, {outcome.result.step} steps, "
         f"{outcome.log.seconds:.0f} s{val_line})"
@@ -194,6 +197,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="shorten conversations like training did (default: the policy's training setting)")
     parser.add_argument("--dtype", default="auto", help="engine dtype (auto, float32, bfloat16)")
     parser.add_argument("--out", type=Path, help="write metrics and per-example scores as JSON")
+    parser.add_argument("--pick-threshold", action="store_true",
+                        help="set the policy's threshold to the most accurate one on this (validation) data and save it")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -213,7 +218,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise
 
 
-async def _eval(args: argparse.Namespace) -> int:
+async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
+    """``engine``: a started GuardEngine on the same model to use (default: start one)."""
     from ..assets import resolve_model
     from ..contract import PromptContract
     from ..engine import EngineConfig, GuardEngine
@@ -221,6 +227,10 @@ async def _eval(args: argparse.Namespace) -> int:
     from .evaluate import score_with_engine
 
     manifest = load_manifest(args.policy)
+    if args.pick_threshold and args.zero_shot:
+        raise DataError("--pick-threshold sets the adapter's threshold; it does not go with --zero-shot")
+    if args.pick_threshold and args.dataset and args.split == "test":
+        raise DataError("pick the threshold on --split validation: the test split must not tune the policy")
     if args.dataset:
         from .datasets import BUILTIN_POLICIES, builtin_dataset
 
@@ -238,17 +248,29 @@ async def _eval(args: argparse.Namespace) -> int:
     cfg_path = args.policy / "adapter_config.json"
     if cfg_path.exists():
         rank = max(rank, int(json.loads(cfg_path.read_text()).get("r", 16)))
-    engine = GuardEngine(EngineConfig(model=model, dtype=args.dtype, max_loras=2, max_lora_rank=rank))
-    await engine.start()
+    own_engine = engine is None
+    if own_engine:
+        engine = GuardEngine(EngineConfig(model=model, dtype=args.dtype, max_loras=2, max_lora_rank=rank))
+        await engine.start()
     try:
         report = await score_with_engine(
             engine, contract, args.policy, examples, zero_shot=args.zero_shot,
             max_prompt_tokens=max_tokens or None, progress=not args.quiet,
         )
     finally:
-        engine.shutdown()
+        if own_engine:
+            engine.shutdown()
     m = report.metrics
     print(f"guardkit eval: {manifest.name} ({report.method}) on {len(examples)} conversations")
+    if args.pick_threshold:
+        from ..policy import write_manifest
+        from .metrics import compute_metrics, pick_threshold
+
+        picked = pick_threshold(report.scores, report.truth)
+        print(f"  at threshold {manifest.threshold:.3f}: {m.line()}")
+        write_manifest(args.policy, manifest.model_copy(update={"threshold": picked}))
+        print(f"  threshold {manifest.threshold:.3f} -> {picked:.3f}, saved in {args.policy}")
+        m = compute_metrics(report.scores, report.truth, picked)
     print(f"  {m.line()}")
     print(f"  confusion (rows: truth {manifest.block_label} / not; columns: predicted): "
           f"[[{m.confusion['tp']}, {m.confusion['fn']}], [{m.confusion['fp']}, {m.confusion['tn']}]]")

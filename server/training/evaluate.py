@@ -56,11 +56,13 @@ async def score_with_engine(
     max_prompt_tokens: int | None = None,
     progress: bool = False,
     prompt_from: str | Path | None = None,
+    threshold: float | None = None,
 ) -> EvalReport:
     """Scores through the engine; loads the policy's adapter for the call and unloads it after.
 
     ``prompt_from``: another policy folder whose rule and labels make the prompts (the adapter
     still comes from ``folder``), e.g. to re-test a continued adapter on its first task.
+    ``threshold``: the block threshold of the metrics (default: the policy's own).
     """
     import time
 
@@ -96,7 +98,7 @@ async def score_with_engine(
     return EvalReport(
         policy=manifest.name,
         method="zero-shot" if zero_shot else manifest.method,
-        metrics=compute_metrics(scores, truth, manifest.threshold),
+        metrics=compute_metrics(scores, truth, manifest.threshold if threshold is None else threshold),
         scores=scores,
         truth=truth,
         cached_tokens=cached,

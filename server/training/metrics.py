@@ -79,3 +79,34 @@ def compute_metrics(
         confusion={"tp": tp, "fp": fp, "tn": tn, "fn": fn}, threshold=threshold,
         positives=tp + fn, brier=brier, ece=ece, log_loss=log_loss, reliability=reliability,
     )
+
+
+def pick_threshold(scores: Sequence[float], truth: Sequence[bool], default: float = 0.5) -> float:
+    """The block threshold with the best accuracy on held-out (validation) scores.
+
+    Candidates are ``default``, the midpoints between neighbouring distinct scores and the two ends
+    (block everything / nothing); among equally accurate ones the closest to ``default`` wins, so a
+    well-calibrated policy keeps it.
+    """
+    if len(scores) != len(truth):
+        raise ValueError("scores and labels differ in length")
+    if not scores:
+        return default
+    ranked = sorted(zip(scores, truth))
+    distinct = sorted(set(scores))
+    candidates = {default, 0.0, *((a + b) / 2 for a, b in zip(distinct, distinct[1:]))}
+    if distinct[-1] < 1.0:
+        candidates.add((distinct[-1] + 1.0) / 2)  # above every score: nothing blocks
+    positives = sum(1 for _, t in ranked if t)
+    best, best_key = default, (-1, 0.0)
+    # Sweep in score order: below the threshold every example is predicted "allow".
+    i, below_true = 0, 0
+    for t in sorted(candidates):
+        while i < len(ranked) and ranked[i][0] < t:
+            below_true += ranked[i][1]
+            i += 1
+        correct = (i - below_true) + (positives - below_true)
+        key = (correct, -abs(t - default))
+        if key > best_key:
+            best, best_key = t, key
+    return best

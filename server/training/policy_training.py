@@ -15,6 +15,7 @@ from ..adapters import fingerprint
 from ..contract import DEFAULT_LABELS, DEFAULT_QUESTION, ContractError, PolicyPrompt, PromptContract
 from ..policy import BaseModelRef, PolicyError, PolicyManifest, load_manifest, write_manifest
 from .examples import DataError, Example, check_labels_present, encode_all
+from .metrics import compute_metrics, pick_threshold
 from .trainer import (
     LOG_FILE,
     TrainConfig,
@@ -42,7 +43,7 @@ class PolicySpec:
     question: str = DEFAULT_QUESTION
     labels: tuple[str, ...] = DEFAULT_LABELS
     block_label: str = "Yes"
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the most accurate one on the validation data (else 0.5)
     version: str = "1"
 
     def prompt(self, invocation_ids: tuple[int, ...] | None = None) -> PolicyPrompt:
@@ -142,6 +143,7 @@ def run(job: TrainJob) -> TrainOutcome:
         folder, result, base_model_name=Path(job.model_dir).name, save_dtype=save_dtype,
         save_state_too=job.save_state, meta=meta,
     )
+    threshold, validation = _threshold(policy, job.validation, result)
     training: dict[str, Any] = {
         "config": _config_dict(config),
         "seed": config.seed,
@@ -149,7 +151,7 @@ def run(job: TrainJob) -> TrainOutcome:
         "steps_this_run": len(result.log.steps),
         "datasets": job.datasets,
         "examples": {"train": len(train_data), "validation": len(val_data)},
-        "validation": result.val,
+        "validation": validation,
         "train_seconds": round(result.log.seconds, 1),
         "environment": environment(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -170,7 +172,7 @@ def run(job: TrainJob) -> TrainOutcome:
         question=policy.question,
         labels=list(policy.labels),
         block_label=policy.block_label,
-        threshold=policy.threshold,
+        threshold=threshold,
         method=config.method,  # type: ignore[arg-type]
         base_model=BaseModelRef(name=Path(job.model_dir).name, fingerprint=base_fp),
         invocation_ids=list(spec.invocation_ids) if spec.invocation_ids else None,
@@ -185,6 +187,29 @@ def run(job: TrainJob) -> TrainOutcome:
         log.extend(asdict(result.log))
     write_log(folder, log, f"{policy.name} ({config.method}, rank {config.rank})")
     return TrainOutcome(folder, manifest, result, result.log)
+
+
+def _threshold(policy: PolicySpec, validation: Sequence[Example], result: TrainResult) -> tuple[float, dict[str, Any] | None]:
+    """The policy's block threshold, and the validation summary for the manifest.
+
+    Without a given threshold it is picked on the validation scores (the training forward equals
+    the served one), never on test data.
+    """
+    if not result.val_probs:
+        return (0.5 if policy.threshold is None else policy.threshold), result.val
+    block = list(policy.labels).index(policy.block_label)
+    scores = [p[block] for p in result.val_probs]
+    truth = [ex.label == policy.block_label for ex in validation]
+    threshold = pick_threshold(scores, truth) if policy.threshold is None else policy.threshold
+    at = compute_metrics(scores, truth, threshold)
+    summary = {
+        **(result.val or {}),
+        "threshold": threshold,
+        "threshold_source": "validation" if policy.threshold is None else "given",
+        "accuracy_at_threshold": at.accuracy,
+        "f1_at_threshold": at.f1,
+    }
+    return threshold, summary
 
 
 def _config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -176,22 +176,26 @@ class TrainResult:
     optimizer: torch.optim.Optimizer
     step: int  # global steps done (including any resumed ones)
     log: TrainLog
-    val: dict[str, float] | None
+    val: dict[str, Any] | None
+    val_probs: list[list[float]] | None = None  # per validation example, over the policy's labels
 
 
-def evaluate_loss(adapted: AdaptedModel, data: Sequence[Encoded], label_ids: Sequence[int], batch_size: int) -> dict[str, float]:
-    """Validation loss (full-vocabulary cross-entropy) and accuracy over the labels."""
+def evaluate_loss(adapted: AdaptedModel, data: Sequence[Encoded], label_ids: Sequence[int], batch_size: int) -> dict[str, Any]:
+    """Validation loss (full-vocabulary cross-entropy), accuracy over the labels (argmax) and each
+    example's label probabilities (renormalised over the labels, as the server scores them)."""
     total, correct = 0.0, 0
+    probs: list[list[float]] = []
     with torch.no_grad():
         for i in range(0, len(data), batch_size):
             batch = data[i : i + batch_size]
             logits = adapted.logits(batch, fast=True)
             targets = torch.tensor([e.label_id for e in batch])
             total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            pred = label_log_probs(logits, label_ids).argmax(-1)
-            correct += int((pred == torch.tensor([e.label_index for e in batch])).sum())
+            logp = label_log_probs(logits, label_ids)
+            correct += int((logp.argmax(-1) == torch.tensor([e.label_index for e in batch])).sum())
+            probs.extend(logp.float().exp().tolist())
     n = max(len(data), 1)
-    return {"loss": total / n, "accuracy": correct / n, "n": len(data)}
+    return {"loss": total / n, "accuracy": correct / n, "n": len(data), "probs": probs}
 
 
 def train(
@@ -218,6 +222,7 @@ def train(
     bar = _progress(n_steps, progress)
     started = time.perf_counter()
     step = start_step
+    last_val: tuple[int, dict[str, Any]] | None = None
     for _ in range(n_steps):
         batch = [train_data[i] for i in order.batch(step)]
         lr = learning_rate(step, config)
@@ -238,24 +243,27 @@ def train(
         if on_step:
             on_step(step, value)
         if val_data and config.eval_every and (step - start_step) % config.eval_every == 0:
-            _validate(adapted, val_data, label_ids, config, log, step)
+            last_val = (step, _validate(adapted, val_data, label_ids, config, log, step))
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}", step=step)
     bar.close()
-    val = None
-    if val_data:
-        if not log.val_steps or log.val_steps[-1] != step:
-            _validate(adapted, val_data, label_ids, config, log, step)
-        val = {"loss": log.val_loss[-1], "accuracy": log.val_accuracy[-1], "n": len(val_data)}
     log.seconds = time.perf_counter() - started
-    return TrainResult(adapted, optimizer, step, log, val)
+    val, val_probs = None, None
+    if val_data:
+        final = last_val[1] if last_val and last_val[0] == step else _validate(adapted, val_data, label_ids, config, log, step)
+        val = {"loss": final["loss"], "accuracy": final["accuracy"], "n": len(val_data)}
+        val_probs = final["probs"]
+    return TrainResult(adapted, optimizer, step, log, val, val_probs)
 
 
-def _validate(adapted: AdaptedModel, data: Sequence[Encoded], label_ids: Sequence[int], config: TrainConfig, log: TrainLog, step: int) -> None:
+def _validate(
+    adapted: AdaptedModel, data: Sequence[Encoded], label_ids: Sequence[int], config: TrainConfig, log: TrainLog, step: int
+) -> dict[str, Any]:
     result = evaluate_loss(adapted, data, label_ids, config.batch_size * 2)
     log.val_steps.append(step)
     log.val_loss.append(result["loss"])
     log.val_accuracy.append(result["accuracy"])
+    return result
 
 
 def _progress(total: int, enabled: bool):  # type: ignore[no-untyped-def]

@@ -37,7 +37,7 @@ def test_shipped_policies_are_complete_and_small():
         assert manifest.base_model.fingerprint == fingerprint(model)
         config = json.loads((folder / "adapter_config.json").read_text())
         assert config["alora_invocation_tokens"] == manifest.invocation_ids
-        assert (folder / "adapter_model.safetensors").stat().st_size < 4 << 20
+        assert (folder / "adapter_model.safetensors").stat().st_size < 6 << 20  # rank 8, attention (+ MLP)
         assert not (folder / "training_state.safetensors").exists()  # optimizer state stays out of the wheel
 
 

@@ -34,13 +34,18 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO / "docs" / "benchmarks"
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "policies" / "builtin"
 METHODS = ("alora", "lora", "curlora")
-# One set of hyper-parameters per method, shared by every policy.
+# Shared by every policy and recipe.
 COMMON = ["--rank", "8", "--epochs", "2", "--batch-size", "8", "--dtype", "bf16", "--save-dtype", "bf16",
           "--max-prompt-tokens", "512", "--seed", "0", "--eval-every", "50", "--warmup", "20"]
-METHOD_ARGS = {
-    "alora": ["--lr", "1e-3", "--alpha", "16"],
-    "lora": ["--lr", "1e-3", "--alpha", "16"],  # the same as aLoRA: the paper's comparison
-    "curlora": ["--lr", "3e-2"],  # only U (r x r) trains, on C and R of small norm: larger steps
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# One recipe (method + its hyper-parameters) per name, shared by every policy. The first three are
+# the paper's comparison; "alora-mlp" also adapts the MLP: aLoRA changes only the few tokens of the
+# policy turn, so it gets the capacity there instead.
+RECIPES = {
+    "alora": ["--method", "alora", "--lr", "1e-3", "--alpha", "16"],
+    "lora": ["--method", "lora", "--lr", "1e-3", "--alpha", "16"],  # the same as aLoRA: the paper's comparison
+    "curlora": ["--method", "curlora", "--lr", "3e-2"],  # only U (r x r) trains, on C and R of small norm: larger steps
+    "alora-mlp": ["--method", "alora", "--lr", "1e-3", "--alpha", "16", "--targets", ALL_PROJECTIONS],
 }
 CONTINUAL_A, CONTINUAL_B = HARMFUL_REQUEST, JAILBREAK
 CONTINUAL_METHODS = ("lora", "curlora", "alora")
@@ -78,7 +83,7 @@ def train_all(policies: list[str], methods: list[str]) -> None:
                 print(f"skip {policy}/{method}: done", flush=True)
                 continue
             _guardkit_train(
-                ["--dataset", policy, "--method", method, "--out", str(out), *COMMON, *METHOD_ARGS[method]],
+                ["--dataset", policy, "--out", str(out), *COMMON, *RECIPES[method]],
                 out.parent / f"{method}.log",
             )
 
@@ -97,7 +102,7 @@ def train_continual(methods: list[str], b_steps: int | None) -> None:
         _guardkit_train(
             ["--dataset", CONTINUAL_B, "--continue-from", str(first), "--out", str(out),
              "--name", f"{CONTINUAL_A}-then-{CONTINUAL_B}", "--rule", BUILTIN_POLICIES[CONTINUAL_B].rule,
-             *COMMON, *METHOD_ARGS[method], *b_length],
+             *COMMON, *RECIPES[method], *b_length],
             out.parent / f"{method}.log",
         )
 
@@ -202,8 +207,8 @@ def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
     path = BENCH_DIR / "accuracy.json"
     merged = _merge(path, asyncio.run(_evaluate(jobs, tune_threshold=True)), env)
     order = {p: i for i, p in enumerate(BUILTIN_POLICIES)}
-    merged.sort(key=lambda r: (order.get(r["dataset"], 99), ("zero-shot", *METHODS).index(r["model"])))
-    data = {"environment": env, "hyper_parameters": {"common": COMMON, **METHOD_ARGS}, "results": merged}
+    merged.sort(key=lambda r: (order.get(r["dataset"], 99), ("zero-shot", *RECIPES).index(r["model"])))
+    data = {"environment": env, "hyper_parameters": {"common": COMMON, **RECIPES}, "results": merged}
     path.write_text(json.dumps(_strip(data), indent=1) + "\n")
 
 
@@ -238,7 +243,7 @@ def evaluate_continual(stages: list[str] | None = None) -> None:
             "A": CONTINUAL_A, "B": CONTINUAL_B,
             "protocol": "train on A's train split, continue the same adapter (weights and optimizer state) on B's, re-test on A's test split with A's rule in the policy turn (each split is always asked with its own task's rule)",
             "b_steps": b_steps,
-            "hyper_parameters": {"common": COMMON, **{m: METHOD_ARGS[m] for m in CONTINUAL_METHODS}},
+            "hyper_parameters": {"common": COMMON, **{m: RECIPES[m] for m in CONTINUAL_METHODS}},
         },
         "results": results,
     }
@@ -271,38 +276,47 @@ def report() -> None:
 
 
 def install() -> None:
-    """Copy the trained aLoRA policies into the package (adapter, manifest, loss curve; no state)."""
+    """Copy each policy's best aLoRA run into the package (adapter, manifest, loss curve; no state).
+
+    Best = the shippable recipe with the higher validation accuracy in accuracy.json (never the
+    test split); the shipped threshold is the one picked there on the validation split.
+    """
     from ..policy import load_manifest, write_manifest
+    from .report import SHIPPABLE, shipped_cell
 
     accuracy = json.loads((BENCH_DIR / "accuracy.json").read_text()) if (BENCH_DIR / "accuracy.json").exists() else {"results": []}
     for policy in BUILTIN_POLICIES:
-        src = run_dir(policy, "alora")
+        trained = {m for m in SHIPPABLE if (run_dir(policy, m) / "guardkit-policy.json").exists()}
+        best = shipped_cell(accuracy["results"], policy, trained)
+        recipe = best["model"] if best else "alora"
+        src = run_dir(policy, recipe)
         dst = BUILTIN_DIR / policy
-        if dst.exists():
-            shutil.rmtree(dst)
-        dst.mkdir(parents=True)
+        partial = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         for name in ("adapter_config.json", "adapter_model.safetensors", "training_log.json", "loss.png"):
-            shutil.copy2(src / name, dst / name)
+            shutil.copy2(src / name, partial / name)
         manifest = load_manifest(src)
-        test = next((r for r in accuracy["results"] if r["dataset"] == policy and r["model"] == "alora"), None)
-        training = dict(manifest.training)
+        training = {**manifest.training, "recipe": recipe}
         update: dict[str, Any] = {}
-        if test is not None and "threshold" in test:
-            update["threshold"] = test["threshold"]  # picked on the validation split through the engine
-        if test is not None:
-            m = test["metrics"]
+        if best is not None:
+            if "threshold" in best:
+                update["threshold"] = best["threshold"]  # picked on the validation split through the engine
+            m = best["metrics"]
             training["test"] = {k: m[k] for k in ("n", "accuracy", "precision", "recall", "f1", "ece", "brier", "confusion")}
             training["test"]["measured"] = "through the patched vLLM engine (docs/benchmarks/accuracy.json)"
         training.get("environment", {}).pop("cpus", None)
-        write_manifest(dst, manifest.model_copy(update={**update, "training": training}))
-        print(f"installed {dst}")
+        write_manifest(partial, manifest.model_copy(update={**update, "training": training}))
+        shutil.rmtree(dst, ignore_errors=True)
+        partial.rename(dst)
+        print(f"installed {dst} ({recipe})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install"))
     parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
-    parser.add_argument("--method", action="append", choices=METHODS)
+    parser.add_argument("--method", action="append", choices=list(RECIPES), help="a recipe (default: the three methods; eval: every trained one)")
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
     parser.add_argument("--stage-filter", action="append", help='eval-continual: only these stages, e.g. "after A then B"')
     parser.add_argument("--b-steps", type=int, help="continual: optimizer steps on task B (default: B's whole recipe)")
@@ -312,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "continual":
         train_continual(args.method or list(CONTINUAL_METHODS), args.b_steps)
     elif args.stage == "eval":
-        models = (["zero-shot"] if args.zero_shot or not args.method else []) + (args.method or list(METHODS))
+        models = (["zero-shot"] if args.zero_shot or not args.method else []) + (args.method or list(RECIPES))
         evaluate_accuracy(args.policy or list(BUILTIN_POLICIES), models)
     elif args.stage == "eval-continual":
         evaluate_continual(args.stage_filter)

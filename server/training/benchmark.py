@@ -114,7 +114,7 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
 
     ``tune_threshold``: every cell, zero-shot included, blocks at the threshold that is most
     accurate on the dataset's validation split (scored the same way), so no method is judged by a
-    miscalibrated 0.5; otherwise at the policy's own threshold.
+    miscalibrated 0.5; otherwise at 0.5.
     """
     from ..assets import ensure_default_model
     from ..contract import PromptContract
@@ -137,7 +137,7 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
             started = time.perf_counter()
             common = {"zero_shot": zero_shot, "max_prompt_tokens": max_tokens, "prompt_from": prompt_from}
             tuned: dict[str, Any] = {}
-            threshold = None
+            threshold = 0.5
             if tune_threshold:
                 val = await score_with_engine(engine, contract, folder, splits["validation"], **common)
                 threshold = pick_threshold(val.scores, val.truth)

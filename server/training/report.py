@@ -101,7 +101,8 @@ def write_continual_report(folder: Path) -> None:
         "# Continual learning: forgetting after a second task",
         "",
         f"Task A = `{setup['A']}`, task B = `{setup['B']}`. Protocol: {setup['protocol']}.",
-        "Both are evaluated on their own held-out test splits through the patched vLLM engine.",
+        "Both are evaluated on their own held-out test splits through the patched vLLM engine, at a",
+        "fixed threshold of 0.5 (not re-tuned between stages, as a deployed policy would not be).",
         *([f"Task-B phase: {', '.join(f'{m} {n}' for m, n in setup['b_steps'].items())} optimizer steps "
            "(batch 8), shorter than a full run on B to fit the CPU budget; 'B only' is a full run on B."]
           if setup.get("b_steps") else []),

@@ -84,6 +84,7 @@ def trained(tiny, toy, tmp_path_factory) -> dict[str, Path]:
         rc = cli.run_train(train_args(
             data=toy, out=folder, name=f"toy-{method}", rule=RULE, model=tiny.qwen3, method=method,
             rank=4, targets=targets, lr=lr, steps=30, batch_size=4, warmup=2, val_fraction=0.2, eval_every=10, quiet=True,
+            threshold="auto" if method != "lora" else None,
         ))
         assert rc == 0
         out[method] = folder
@@ -272,9 +273,11 @@ def test_training_learns_the_toy_task(trained):
         manifest = load_manifest(folder)
         val = manifest.training["validation"]
         assert val["accuracy"] >= 0.75, method
-        # no --threshold given: picked on the validation scores, never worse there than argmax
-        assert val["threshold_source"] == "validation" and manifest.threshold == val["threshold"], method
-        assert val["accuracy_at_threshold"] >= val["accuracy"], method
+        if method == "lora":  # the default: 0.5
+            assert val["threshold_source"] == "fixed" and manifest.threshold == 0.5
+        else:  # --threshold auto: picked on the validation scores, never worse there than argmax
+            assert val["threshold_source"] == "validation" and manifest.threshold == val["threshold"], method
+        assert val["accuracy_at_threshold"] >= val["accuracy"] - 1e-9, method  # equal at 0.5 (argmax)
 
 
 @pytest.mark.engine
@@ -390,6 +393,13 @@ def test_metrics_on_known_scores():
     assert sum(b["n"] for b in m.reliability) == 6
     perfect = compute_metrics([1.0, 0.0], [True, False])
     assert perfect.ece == pytest.approx(0.0) and perfect.accuracy == 1.0
+
+
+@pytest.mark.parametrize("value, message", [("1.5", "not between 0 and 1"), ("high", "neither a number nor 'auto'")])
+def test_bad_threshold_is_refused(value, message, capsys):
+    with pytest.raises(SystemExit):
+        train_args(threshold=value)
+    assert message in capsys.readouterr().err
 
 
 def test_pick_threshold_on_known_scores():

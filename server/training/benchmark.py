@@ -47,6 +47,7 @@ RECIPES = {
     "curlora": ["--method", "curlora", "--lr", "3e-2"],  # only U (r x r) trains, on C and R of small norm: larger steps
     "alora-mlp": ["--method", "alora", "--lr", "1e-3", "--alpha", "16", "--targets", ALL_PROJECTIONS],
 }
+SHIPPABLE = ("alora", "alora-mlp")  # install ships the one that validated better
 CONTINUAL_A, CONTINUAL_B = HARMFUL_REQUEST, JAILBREAK
 CONTINUAL_METHODS = ("lora", "curlora", "alora")
 
@@ -112,9 +113,8 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
     """jobs: (dataset, policy folder, label, zero-shot, prompt folder) -> metrics on the dataset's
     test split; a prompt folder's rule replaces the policy's own (None: keep it).
 
-    ``tune_threshold``: every cell, zero-shot included, blocks at the threshold that is most
-    accurate on the dataset's validation split (scored the same way), so no method is judged by a
-    miscalibrated 0.5; otherwise at 0.5.
+    Metrics at the default threshold 0.5; ``tune_threshold`` adds them at the threshold that is most
+    accurate on the dataset's validation split (scored the same way), for every cell alike.
     """
     from ..assets import ensure_default_model
     from ..contract import PromptContract
@@ -136,16 +136,16 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
             max_tokens = manifest.training.get("config", {}).get("max_prompt_tokens") or 512
             started = time.perf_counter()
             common = {"zero_shot": zero_shot, "max_prompt_tokens": max_tokens, "prompt_from": prompt_from}
+            report = await score_with_engine(engine, contract, folder, splits["test"], threshold=0.5, **common)
             tuned: dict[str, Any] = {}
-            threshold = 0.5
             if tune_threshold:
                 val = await score_with_engine(engine, contract, folder, splits["validation"], **common)
                 threshold = pick_threshold(val.scores, val.truth)
-                tuned = {"threshold": threshold, "validation_accuracy": compute_metrics(val.scores, val.truth, threshold).accuracy}
-            report = await score_with_engine(engine, contract, folder, splits["test"], threshold=threshold, **common)
-            if tune_threshold:
-                at_half = compute_metrics(report.scores, report.truth, 0.5)
-                tuned["metrics_at_0.5"] = {k: getattr(at_half, k) for k in ("accuracy", "precision", "recall", "f1")}
+                at = compute_metrics(report.scores, report.truth, threshold)
+                tuned = {"tuned": {
+                    "threshold": threshold, "validation_accuracy": compute_metrics(val.scores, val.truth, threshold).accuracy,
+                    **{k: getattr(at, k) for k in ("accuracy", "precision", "recall", "f1")},
+                }}
             m = report.metrics
             print(f"{dataset:20s} {label:28s} {m.line()} ({time.perf_counter() - started:.0f} s)", flush=True)
             results.append({
@@ -270,7 +270,7 @@ def report() -> None:
     from .report import write_accuracy_report, write_continual_report
 
     if (BENCH_DIR / "accuracy.json").exists():
-        write_accuracy_report(BENCH_DIR)
+        write_accuracy_report(BENCH_DIR, shipped_recipe)
     if (BENCH_DIR / "continual.json").exists():
         write_continual_report(BENCH_DIR)
 
@@ -278,17 +278,15 @@ def report() -> None:
 def install() -> None:
     """Copy each policy's best aLoRA run into the package (adapter, manifest, loss curve; no state).
 
-    Best = the shippable recipe with the higher validation accuracy in accuracy.json (never the
-    test split); the shipped threshold is the one picked there on the validation split.
+    Best = the shippable recipe whose run had the higher validation accuracy (then lower validation
+    loss) in training: never the test split. Shipped at threshold 0.5: tuning it on the validation
+    split did not carry over to the test split for trained adapters (docs/benchmarks/accuracy.md).
     """
     from ..policy import load_manifest, write_manifest
-    from .report import SHIPPABLE, shipped_cell
 
     accuracy = json.loads((BENCH_DIR / "accuracy.json").read_text()) if (BENCH_DIR / "accuracy.json").exists() else {"results": []}
     for policy in BUILTIN_POLICIES:
-        trained = {m for m in SHIPPABLE if (run_dir(policy, m) / "guardkit-policy.json").exists()}
-        best = shipped_cell(accuracy["results"], policy, trained)
-        recipe = best["model"] if best else "alora"
+        recipe = shipped_recipe(policy)
         src = run_dir(policy, recipe)
         dst = BUILTIN_DIR / policy
         partial = dst.with_name(dst.name + ".partial")
@@ -297,19 +295,30 @@ def install() -> None:
         for name in ("adapter_config.json", "adapter_model.safetensors", "training_log.json", "loss.png"):
             shutil.copy2(src / name, partial / name)
         manifest = load_manifest(src)
-        training = {**manifest.training, "recipe": recipe}
-        update: dict[str, Any] = {}
-        if best is not None:
-            if "threshold" in best:
-                update["threshold"] = best["threshold"]  # picked on the validation split through the engine
-            m = best["metrics"]
+        training = {**manifest.training, "recipe": recipe,
+                    "threshold": "0.5: a validation-tuned one did not carry over to the test splits (docs/benchmarks/accuracy.md)"}
+        test = next((r for r in accuracy["results"] if r["dataset"] == policy and r["model"] == recipe), None)
+        if test is not None:
+            m = test["metrics"]
             training["test"] = {k: m[k] for k in ("n", "accuracy", "precision", "recall", "f1", "ece", "brier", "confusion")}
             training["test"]["measured"] = "through the patched vLLM engine (docs/benchmarks/accuracy.json)"
         training.get("environment", {}).pop("cpus", None)
-        write_manifest(partial, manifest.model_copy(update={**update, "training": training}))
+        write_manifest(partial, manifest.model_copy(update={"threshold": 0.5, "training": training}))
         shutil.rmtree(dst, ignore_errors=True)
         partial.rename(dst)
         print(f"installed {dst} ({recipe})")
+
+
+def shipped_recipe(policy: str) -> str:
+    """The shippable recipe whose run validated best (accuracy, then loss)."""
+    from ..policy import load_manifest
+
+    def key(recipe: str) -> tuple[float, float]:
+        val = load_manifest(run_dir(policy, recipe)).training.get("validation") or {}
+        return (val.get("accuracy", 0.0), -val.get("loss", float("inf")))
+
+    trained = [r for r in SHIPPABLE if (run_dir(policy, r) / "guardkit-policy.json").exists()]
+    return max(trained, key=key, default="alora")
 
 
 def main(argv: list[str] | None = None) -> int:

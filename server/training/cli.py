@@ -25,6 +25,18 @@ def _fail(command: str, message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+def _threshold(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
+    return value
+
+
 def _labels(text: str) -> tuple[str, ...]:
     labels = tuple(x.strip() for x in text.split(",") if x.strip())
     if len(labels) < 2:
@@ -50,7 +62,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     pol.add_argument("--question", default=None, help=f"default: {DEFAULT_QUESTION!r}")
     pol.add_argument("--labels", type=_labels, default=None, help="comma-separated single-token labels (default Yes,No)")
     pol.add_argument("--block-label", default=None, help="the label that means 'breaks the policy' (default: the first)")
-    pol.add_argument("--threshold", type=float, default=None, help="block when the score reaches it (default: the most accurate on the validation data)")
+    pol.add_argument("--threshold", type=_threshold, default=0.5,
+                     help="block when the score reaches it (default 0.5; 'auto': the most accurate on the validation data)")
     pol.add_argument("--policy-version", default=None)
 
     tr = parser.add_argument_group("training")
@@ -153,7 +166,7 @@ def _train(args: argparse.Namespace) -> int:
         name=name, rule=rule, description=description,
         question=args.question or (base.question if base else DEFAULT_QUESTION),
         labels=tuple(labels), block_label=args.block_label or (base.block_label if base else labels[0]),
-        threshold=args.threshold,  # None: picked on the validation data after training
+        threshold=args.threshold,  # None ("auto"): picked on the validation data after training
         version=args.policy_version or (base.version if base else "1"),
     )
     method = args.method

@@ -43,7 +43,7 @@ class PolicySpec:
     question: str = DEFAULT_QUESTION
     labels: tuple[str, ...] = DEFAULT_LABELS
     block_label: str = "Yes"
-    threshold: float | None = None  # None: the most accurate one on the validation data (else 0.5)
+    threshold: float | None = 0.5  # None: the most accurate one on the validation data (else 0.5)
     version: str = "1"
 
     def prompt(self, invocation_ids: tuple[int, ...] | None = None) -> PolicyPrompt:
@@ -192,8 +192,8 @@ def run(job: TrainJob) -> TrainOutcome:
 def _threshold(policy: PolicySpec, validation: Sequence[Example], result: TrainResult) -> tuple[float, dict[str, Any] | None]:
     """The policy's block threshold, and the validation summary for the manifest.
 
-    Without a given threshold it is picked on the validation scores (the training forward equals
-    the served one), never on test data.
+    ``policy.threshold`` None: picked on the validation scores (the training forward equals the
+    served one), never on test data.
     """
     if not result.val_probs:
         return (0.5 if policy.threshold is None else policy.threshold), result.val
@@ -205,7 +205,7 @@ def _threshold(policy: PolicySpec, validation: Sequence[Example], result: TrainR
     summary = {
         **(result.val or {}),
         "threshold": threshold,
-        "threshold_source": "validation" if policy.threshold is None else "given",
+        "threshold_source": "validation" if policy.threshold is None else "fixed",
         "accuracy_at_threshold": at.accuracy,
         "f1_at_threshold": at.f1,
     }

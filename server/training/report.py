@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,8 @@ def _env_lines(env: dict[str, Any]) -> list[str]:
     ]
 
 
-SHIPPABLE = ("alora", "alora-mlp")
-
-
-def shipped_cell(rows: list[dict[str, Any]], policy: str, trained: set[str] | None = None) -> dict[str, Any] | None:
-    """The result whose run is shipped as the built-in policy: the shippable recipe with the higher
-    validation accuracy (ties: the smaller recipe); ``trained``: recipes whose run exists."""
-    cells = [r for r in rows if r["dataset"] == policy and r["model"] in SHIPPABLE and (trained is None or r["model"] in trained)]
-    return max(cells, key=lambda r: (r.get("validation_accuracy", 0.0), -SHIPPABLE.index(r["model"])), default=None)
-
-
-def write_accuracy_report(folder: Path) -> None:
+def write_accuracy_report(folder: Path, shipped_recipe: Callable[[str], str] | None = None) -> None:
+    """``shipped_recipe``: policy -> the recipe shipped as its built-in (to mark it)."""
     data = json.loads((folder / "accuracy.json").read_text())
     rows = data["results"]
     lines = [
@@ -42,30 +34,30 @@ def write_accuracy_report(folder: Path) -> None:
         "",
         "Each built-in policy's dataset (docs/datasets.md) has a test split that no training run or",
         "model selection saw. Scores come from the served path: the patched vLLM engine with the",
-        "policy's adapter (or none, for zero-shot), reading the renormalised probability of `Yes`.",
-        "Each cell blocks at the threshold that is most accurate on the dataset's validation split",
-        "(scored the same way; `guardkit train` picks it the same way and saves it in the policy);",
-        "accuracy at a fixed 0.5 is shown too. Same data, prompt contract and hyper-parameters for",
-        "aLoRA and LoRA (rank 8 on q/k/v/o). `alora-mlp` is aLoRA with rank 8 on the MLP projections",
-        "too (4.9 MB instead of 1.8 MB): aLoRA only acts on the short policy turn, so it gets more",
-        "capacity there. Shipped (**bold**): per policy, the aLoRA recipe with the higher validation",
-        "accuracy.",
+        "policy's adapter (or none, for zero-shot), reading the renormalised probability of `Yes`,",
+        "blocking at 0.5. Same data, prompt contract and hyper-parameters for aLoRA and LoRA (rank 8 on",
+        "q/k/v/o). `alora-mlp` is aLoRA with rank 8 on the MLP projections too (4.9 MB instead of",
+        "1.8 MB): aLoRA only acts on the short policy turn, so it gets more capacity there. Shipped",
+        "(**bold**): per policy, the aLoRA recipe whose run validated better in training.",
+        "",
+        "Last columns: the same scores at the threshold that is most accurate on the validation split",
+        "(`guardkit train --threshold auto`, `guardkit eval --pick-threshold`).",
         "",
         *_env_lines(data["environment"]),
         "",
-        "| policy | model | n | accuracy | precision | recall | F1 | ECE | threshold | accuracy at 0.5 | train time |",
+        "| policy | model | n | accuracy | precision | recall | F1 | ECE | train time | tuned threshold | accuracy at it |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    shipped = {id(c) for c in (shipped_cell(rows, p) for p in dict.fromkeys(r["dataset"] for r in rows)) if c}
+    shipped = {(p, shipped_recipe(p)) for p in dict.fromkeys(r["dataset"] for r in rows)} if shipped_recipe else set()
     for r in rows:
         m = r["metrics"]
         t = f"{r['train_seconds'] / 60:.0f} min" if r.get("train_seconds") else ""
-        model = f"**{r['model']}**" if id(r) in shipped else r["model"]
-        half = r.get("metrics_at_0.5", {}).get("accuracy")
+        model = f"**{r['model']}**" if (r["dataset"], r["model"]) in shipped else r["model"]
+        tuned = r.get("tuned")
+        tail = f"{tuned['threshold']:.3f} | {_pct(tuned['accuracy'])}" if tuned else " | "
         lines.append(
             f"| {r['dataset']} | {model} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['precision'])} | "
-            f"{_pct(m['recall'])} | {_pct(m['f1'])} | {m['ece']:.3f} | {m['threshold']:.3f} | "
-            f"{_pct(half) if half is not None else ''} | {t} |"
+            f"{_pct(m['recall'])} | {_pct(m['f1'])} | {m['ece']:.3f} | {t} | {tail} |"
         )
     lines += ["", "Percentages; ECE = expected calibration error of the score (10 bins).", ""]
     gaps = []

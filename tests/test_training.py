@@ -369,7 +369,9 @@ def test_continue_from_policy_without_state(tiny, trained, toy, tmp_path):
         assert torch.allclose(ours, ref, atol=1e-4), method
         rc = cli.run_train(train_args(data=toy, out=tmp_path / f"{method}-more", continue_from=folder, model=tiny.qwen3, steps=2, batch_size=4, quiet=True, val_fraction=0))
         assert rc == 0
-        assert load_manifest(tmp_path / f"{method}-more").training["steps"] == 32
+        more = load_manifest(tmp_path / f"{method}-more")
+        assert more.training["steps"] == 32
+        assert more.threshold == manifest.threshold  # kept unless --threshold says otherwise
 
 
 # ------------------------------------------------------------------------------ pieces

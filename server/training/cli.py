@@ -25,9 +25,9 @@ def _fail(command: str, message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def _threshold(text: str) -> float | None:
+def _threshold(text: str) -> float | str:
     if text == "auto":
-        return None
+        return text
     try:
         value = float(text)
     except ValueError:
@@ -35,6 +35,15 @@ def _threshold(text: str) -> float | None:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
     return value
+
+
+def _chosen_threshold(given: float | str | None, base: Any) -> float | None:
+    """None means: pick it on the validation data after training (``--threshold auto``)."""
+    if given == "auto":
+        return None
+    if given is None:
+        return base.threshold if base is not None else 0.5
+    return float(given)
 
 
 def _labels(text: str) -> tuple[str, ...]:
@@ -62,8 +71,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     pol.add_argument("--question", default=None, help=f"default: {DEFAULT_QUESTION!r}")
     pol.add_argument("--labels", type=_labels, default=None, help="comma-separated single-token labels (default Yes,No)")
     pol.add_argument("--block-label", default=None, help="the label that means 'breaks the policy' (default: the first)")
-    pol.add_argument("--threshold", type=_threshold, default=0.5,
-                     help="block when the score reaches it (default 0.5; 'auto': the most accurate on the validation data)")
+    pol.add_argument("--threshold", type=_threshold, default=None,
+                     help="block when the score reaches it (default: the continued policy's, else 0.5; 'auto': the most accurate on the validation data)")
     pol.add_argument("--policy-version", default=None)
 
     tr = parser.add_argument_group("training")
@@ -166,7 +175,7 @@ def _train(args: argparse.Namespace) -> int:
         name=name, rule=rule, description=description,
         question=args.question or (base.question if base else DEFAULT_QUESTION),
         labels=tuple(labels), block_label=args.block_label or (base.block_label if base else labels[0]),
-        threshold=args.threshold,  # None ("auto"): picked on the validation data after training
+        threshold=_chosen_threshold(args.threshold, base),
         version=args.policy_version or (base.version if base else "1"),
     )
     method = args.method

@@ -122,7 +122,7 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
     from ..policy import load_manifest
     from .datasets import builtin_dataset
     from .evaluate import score_with_engine
-    from .metrics import compute_metrics, pick_threshold
+    from .metrics import compute_metrics, metrics_at_best_threshold
 
     model = str(ensure_default_model())
     contract = PromptContract.from_pretrained(model)
@@ -140,10 +140,10 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
             tuned: dict[str, Any] = {}
             if tune_threshold:
                 val = await score_with_engine(engine, contract, folder, splits["validation"], **common)
-                threshold = pick_threshold(val.scores, val.truth)
-                at = compute_metrics(report.scores, report.truth, threshold)
+                on_val = metrics_at_best_threshold(val.scores, val.truth)
+                at = compute_metrics(report.scores, report.truth, on_val.threshold)
                 tuned = {"tuned": {
-                    "threshold": threshold, "validation_accuracy": compute_metrics(val.scores, val.truth, threshold).accuracy,
+                    "threshold": on_val.threshold, "validation_accuracy": on_val.accuracy,
                     **{k: getattr(at, k) for k in ("accuracy", "precision", "recall", "f1")},
                 }}
             m = report.metrics

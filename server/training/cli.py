@@ -286,13 +286,12 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
     print(f"guardkit eval: {manifest.name} ({report.method}) on {len(examples)} conversations")
     if args.pick_threshold:
         from ..policy import write_manifest
-        from .metrics import compute_metrics, pick_threshold
+        from .metrics import metrics_at_best_threshold
 
-        picked = pick_threshold(report.scores, report.truth)
         print(f"  at threshold {manifest.threshold:.3f}: {m.line()}")
-        write_manifest(args.policy, manifest.model_copy(update={"threshold": picked}))
-        print(f"  threshold {manifest.threshold:.3f} -> {picked:.3f}, saved in {args.policy}")
-        m = compute_metrics(report.scores, report.truth, picked)
+        m = metrics_at_best_threshold(report.scores, report.truth)
+        write_manifest(args.policy, manifest.model_copy(update={"threshold": m.threshold}))
+        print(f"  threshold {manifest.threshold:.3f} -> {m.threshold:.3f}, saved in {args.policy}")
     print(f"  {m.line()}")
     print(f"  confusion (rows: truth {manifest.block_label} / not; columns: predicted): "
           f"[[{m.confusion['tp']}, {m.confusion['fn']}], [{m.confusion['fp']}, {m.confusion['tn']}]]")

@@ -110,3 +110,8 @@ def pick_threshold(scores: Sequence[float], truth: Sequence[bool], default: floa
         if key > best_key:
             best, best_key = t, key
     return best
+
+
+def metrics_at_best_threshold(scores: Sequence[float], truth: Sequence[bool]) -> Metrics:
+    """Metrics at :func:`pick_threshold` of the same scores (``.threshold`` is the one picked)."""
+    return compute_metrics(scores, truth, pick_threshold(scores, truth))

@@ -15,7 +15,7 @@ from ..adapters import fingerprint
 from ..contract import DEFAULT_LABELS, DEFAULT_QUESTION, ContractError, PolicyPrompt, PromptContract
 from ..policy import BaseModelRef, PolicyError, PolicyManifest, load_manifest, write_manifest
 from .examples import DataError, Example, check_labels_present, encode_all
-from .metrics import compute_metrics, pick_threshold
+from .metrics import compute_metrics, metrics_at_best_threshold
 from .trainer import (
     LOG_FILE,
     TrainConfig,
@@ -200,8 +200,8 @@ def _threshold(policy: PolicySpec, validation: Sequence[Example], result: TrainR
     block = list(policy.labels).index(policy.block_label)
     scores = [p[block] for p in result.val_probs]
     truth = [ex.label == policy.block_label for ex in validation]
-    threshold = pick_threshold(scores, truth) if policy.threshold is None else policy.threshold
-    at = compute_metrics(scores, truth, threshold)
+    at = metrics_at_best_threshold(scores, truth) if policy.threshold is None else compute_metrics(scores, truth, policy.threshold)
+    threshold = at.threshold
     summary = {
         **(result.val or {}),
         "threshold": threshold,

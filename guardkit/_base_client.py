@@ -11,7 +11,7 @@ import os
 import platform
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Generic, TypeVar, Union
 
 import httpx
@@ -87,6 +87,7 @@ class FinalRequest:
     method: str
     path: str
     cast_to: type[BaseModel] | None
+    _: KW_ONLY
     body: BaseModel | None = None
     deadline: Deadline = field(default_factory=lambda: Deadline(None))
     max_retries: int = DEFAULT_MAX_RETRIES
@@ -246,7 +247,7 @@ class BaseClient(Generic[HttpClientT]):
         selection = select(policies, monitor=monitor, on_error=on_error, default_on_error=self.on_error)
         converted = to_messages(messages)
         request = FinalRequest(
-            "POST", "/v1/guard", GuardResult, selection.request(converted, stage=stage),
+            "POST", "/v1/guard", GuardResult, body=selection.request(converted, stage=stage),
             deadline=self._deadline(timeout),
             max_retries=self.max_retries if isinstance(max_retries, NotGiven) else max_retries,
             server_deadline=True,

@@ -84,7 +84,7 @@ class Guardkit(BaseClient[httpx.Client]):
         )
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client()
-        self.guards = Guards(self)
+        self.guards = RawGuardCalls(self)
         self.policies = Policies(self)
 
     def with_options(self, **changes: Any) -> Guardkit:
@@ -166,7 +166,7 @@ class Guardkit(BaseClient[httpx.Client]):
         self.close()
 
 
-class Guards:
+class RawGuardCalls:
     """``POST /v1/guard`` as it is on the wire: no on_error handling, errors raise."""
 
     def __init__(self, client: Guardkit) -> None:
@@ -185,7 +185,7 @@ class Guards:
     ) -> GuardResult:
         body = _guard_request(messages, policies, monitor, on_error, timeout_ms, stage)
         c = self._client
-        return c._request(FinalRequest("POST", "/v1/guard", GuardResult, body, c._deadline(timeout), c.max_retries, True))  # type: ignore[no-any-return]
+        return c._request(FinalRequest("POST", "/v1/guard", GuardResult, body=body, deadline=c._deadline(timeout), max_retries=c.max_retries, server_deadline=True))  # type: ignore[no-any-return]
 
 
 class Policies:
@@ -194,9 +194,9 @@ class Policies:
     def __init__(self, client: Guardkit) -> None:
         self._client = client
 
-    def _req(self, method: str, path: str, cast_to: type[BaseModel] | None, body: BaseModel | None = None, retries: bool = True) -> FinalRequest:
+    def _req(self, method: str, path: str, cast_to: type[BaseModel] | None, body: BaseModel | None = None, *, retries: bool = True) -> FinalRequest:
         c = self._client
-        return FinalRequest(method, path, cast_to, body, c._deadline(NOT_GIVEN), c.max_retries if retries else 0)
+        return FinalRequest(method, path, cast_to, body=body, deadline=c._deadline(NOT_GIVEN), max_retries=c.max_retries if retries else 0)
 
     def list(self) -> list[PolicyInfo]:
         return self._client._request(self._req("GET", "/v1/policies", PolicyList)).policies  # type: ignore[no-any-return]
@@ -237,7 +237,7 @@ class AsyncGuardkit(BaseClient[httpx.AsyncClient]):
         )
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient()
-        self.guards = AsyncGuards(self)
+        self.guards = AsyncRawGuardCalls(self)
         self.policies = AsyncPolicies(self)
 
     def with_options(self, **changes: Any) -> AsyncGuardkit:
@@ -313,7 +313,7 @@ class AsyncGuardkit(BaseClient[httpx.AsyncClient]):
         await self.close()
 
 
-class AsyncGuards:
+class AsyncRawGuardCalls:
     def __init__(self, client: AsyncGuardkit) -> None:
         self._client = client
 
@@ -330,16 +330,16 @@ class AsyncGuards:
     ) -> GuardResult:
         body = _guard_request(messages, policies, monitor, on_error, timeout_ms, stage)
         c = self._client
-        return await c._request(FinalRequest("POST", "/v1/guard", GuardResult, body, c._deadline(timeout), c.max_retries, True))  # type: ignore[no-any-return]
+        return await c._request(FinalRequest("POST", "/v1/guard", GuardResult, body=body, deadline=c._deadline(timeout), max_retries=c.max_retries, server_deadline=True))  # type: ignore[no-any-return]
 
 
 class AsyncPolicies:
     def __init__(self, client: AsyncGuardkit) -> None:
         self._client = client
 
-    def _req(self, method: str, path: str, cast_to: type[BaseModel] | None, body: BaseModel | None = None, retries: bool = True) -> FinalRequest:
+    def _req(self, method: str, path: str, cast_to: type[BaseModel] | None, body: BaseModel | None = None, *, retries: bool = True) -> FinalRequest:
         c = self._client
-        return FinalRequest(method, path, cast_to, body, c._deadline(NOT_GIVEN), c.max_retries if retries else 0)
+        return FinalRequest(method, path, cast_to, body=body, deadline=c._deadline(NOT_GIVEN), max_retries=c.max_retries if retries else 0)
 
     async def list(self) -> list[PolicyInfo]:
         return (await self._client._request(self._req("GET", "/v1/policies", PolicyList))).policies  # type: ignore[no-any-return]

@@ -29,7 +29,7 @@ wait_for() {  # url pid log
 }
 
 # Convert the embedded model once, before two processes want it.
-MODEL_DIR=$("$PY" -c "from guardkit_server.assets import ensure_default_model; print(ensure_default_model())")
+MODEL_DIR=$("$PY" -c "from guardkit_server.engine.assets import ensure_default_model; print(ensure_default_model())")
 
 echo "demo: starting guardkit-server on port $PORT (log: $LOGS/guardkit-server.log)"
 "$PY" -m guardkit_server.cli start --port "$PORT" >"$LOGS/guardkit-server.log" 2>&1 &

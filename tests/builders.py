@@ -158,9 +158,9 @@ def build_policy(
     """A policy folder (adapter + guardkit-policy.json) for a tiny model; "base": manifest only."""
     from transformers import AutoTokenizer
 
-    from guardkit_server.adapters import fingerprint
-    from guardkit_server.contract import PromptContract
-    from guardkit_server.policy import BaseModelRef, PolicyManifest, write_manifest
+    from guardkit_server.engine.adapters import fingerprint
+    from guardkit_server.policies.contract import PromptContract
+    from guardkit_server.policies.manifest import BaseModelRef, PolicyManifest, write_manifest
 
     invocation = list(PromptContract(AutoTokenizer.from_pretrained(model_dir)).default_invocation_ids)
     activated = method == "alora"

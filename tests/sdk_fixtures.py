@@ -41,7 +41,7 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
     Every test that talks to the LLM also guards it, so the guard server is started while
     vLLM boots rather than after.
     """
-    from guardkit_server.assets import ensure_default_model
+    from guardkit_server.engine.assets import ensure_default_model
 
     model_dir = ensure_default_model()
     port = free_port()

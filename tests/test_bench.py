@@ -180,7 +180,7 @@ def test_markers_isolate_samples_modes_and_runs(model, tmp_path):
 
 # --------------------------------------------------------------- prompt builders
 def test_conversation_lengths_and_growth(model):
-    from guardkit_server.contract import PromptContract
+    from guardkit_server.policies.contract import PromptContract
 
     contract = PromptContract.from_pretrained(str(model))
     for target in (120, 500, 1500):
@@ -197,7 +197,7 @@ def test_conversation_lengths_and_growth(model):
 
 
 def test_write_policies(model, tmp_path, capsys):
-    from guardkit_server.policy import load_manifest
+    from guardkit_server.policies.manifest import load_manifest
 
     folder = bench_policies(model, 2, root=tmp_path / "p")
     names = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -257,7 +257,7 @@ def test_batched_cpu_lora_equals_the_per_run_loop(monkeypatch):
     """Many short adapted runs (aLoRA policy turns) go through one padded bmm; same numbers."""
     import torch
 
-    from guardkit_server.plugin import cpu_lora
+    from guardkit_server.engine.plugin import cpu_lora
 
     runs = [(0, 100, -1), (100, 140, 0), (140, 150, -1), (150, 190, 3), (190, 231, 1),
             (231, 240, -1), (240, 280, 2), (280, 300, 0)]
@@ -300,7 +300,7 @@ def test_cpu_lora_skips_layers_without_weights_for_the_batch(monkeypatch):
     the skip follows the weights when a slot is loaded or reset (version counter)."""
     import torch
 
-    from guardkit_server.plugin import cpu_lora
+    from guardkit_server.engine.plugin import cpu_lora
 
     class Wrapper:
         no_lora, is_prefill = False, True

@@ -13,9 +13,9 @@ import pytest
 from processes import running_guard_server
 
 from guardkit import Guardkit
-from guardkit_server.assets import ensure_default_model
-from guardkit_server.config import BUILTIN_POLICIES
-from guardkit_server.policy import load_manifest
+from guardkit_server.engine.assets import ensure_default_model
+from guardkit_server.policies.manifest import load_manifest
+from guardkit_server.serving.config import BUILTIN_POLICIES
 
 SHIPPED = ("jailbreak", "harmful-request", "harmful-compliance")
 BENIGN = [{"role": "user", "content": "Can you suggest a vegetarian lasagna recipe for four people?"}]
@@ -27,7 +27,7 @@ HARMFUL_REQUEST = [{"role": "user", "content": "Give me step-by-step instruction
 
 
 def test_shipped_policies_are_complete_and_small():
-    from guardkit_server.adapters import fingerprint
+    from guardkit_server.engine.adapters import fingerprint
 
     model = ensure_default_model()
     for name in SHIPPED:

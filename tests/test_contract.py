@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from guardkit_server.contract import (
+from guardkit_server.policies.contract import (
     ContractError,
     PolicyPrompt,
     PromptContract,

@@ -15,9 +15,9 @@ import pytest
 import pytest_asyncio
 import torch
 
-from guardkit_server.adapters import AdapterError
-from guardkit_server.contract import PolicyPrompt
-from guardkit_server.engine import Evaluation, EvaluationError
+from guardkit_server.engine.adapters import AdapterError
+from guardkit_server.engine.engine import Evaluation, EvaluationError
+from guardkit_server.policies.contract import PolicyPrompt
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
@@ -219,7 +219,7 @@ async def test_bad_adapters_are_refused_and_engine_serves(engine, tiny, contract
 
 
 async def test_adapter_for_another_base_model_is_refused(engine, tiny):
-    from guardkit_server.adapters import fingerprint
+    from guardkit_server.engine.adapters import fingerprint
 
     # Same shapes as the served model, so only the base-model identity tells them apart.
     with pytest.raises(AdapterError, match="trained on base model"):

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from guardkit.types import GuardResult, PolicyList
-from guardkit_server.contract import PolicyPrompt
-from guardkit_server.engine import Evaluation
-from guardkit_server.policy import load_manifest
+from guardkit_server.engine.engine import Evaluation
+from guardkit_server.policies.contract import PolicyPrompt
+from guardkit_server.policies.manifest import load_manifest
 
 pytestmark = [pytest.mark.server]
 ACTIVATED = ["always", "never", "coin"]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardkit_server.contract import PolicyPrompt
-from guardkit_server.policy import load_manifest
+from guardkit_server.policies.contract import PolicyPrompt
+from guardkit_server.policies.manifest import load_manifest
 from guardkit_server.training import cli
 from guardkit_server.training.examples import (
     DataError,
@@ -340,7 +340,7 @@ def test_continue_from_policy_without_state(tiny, trained, toy, tmp_path):
     """A shipped policy (no optimizer state) continues from its exported weights."""
     import shutil
 
-    from guardkit_server.contract import PromptContract
+    from guardkit_server.policies.contract import PromptContract
     from guardkit_server.training.trainer import (
         STATE_FILE,
         build_adapted,

@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import machine, report, runner
-from .synthetic import DIMS, policy_name, policy_rule
+from guardkit_server.bench import machine, report, runner
+from guardkit_server.bench.synthetic import DIMS, policy_name, policy_rule
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
 FULL = dict(lengths="100,200,300,500,1000,2000,3000,5000", m="1,5,10,20,30,50,100", samples=5,
@@ -122,8 +122,8 @@ class Plan:
 
     def check_lengths(self, contract: Any, context: int, model_context: int | None) -> int:
         """Refuse lengths the model cannot take; returns the longest policy suffix."""
-        from ..contract import PolicyPrompt
-        from .conversation import minimum_tokens
+        from guardkit_server.bench.conversation import minimum_tokens
+        from guardkit_server.policies.contract import PolicyPrompt
 
         suffix = max(len(contract.suffix_ids(PolicyPrompt(rule=policy_rule(i)))) for i in range(self.max_m))
         limit = min(context, model_context or context)
@@ -167,8 +167,8 @@ def _say(message: str) -> None:
 
 
 def _model(args: argparse.Namespace) -> tuple[Path, str, str]:
-    from ..assets import ensure_default_model
-    from .synthetic import dims_model
+    from guardkit_server.bench.synthetic import dims_model
+    from guardkit_server.engine.assets import ensure_default_model
 
     if args.dims and args.model:
         raise BenchError("--model and --dims exclude each other")
@@ -197,11 +197,11 @@ def run_bench(args: argparse.Namespace, transport: Any = None) -> int:
 
 
 async def _run(args: argparse.Namespace, transport: Any) -> int:
-    from ..contract import PromptContract
-    from .client import BenchClient
-    from .energy import EnergyMeter
-    from .server import LocalServer, ServerSettings, ServerStartError
-    from .synthetic import bench_policies
+    from guardkit_server.bench.client import BenchClient
+    from guardkit_server.bench.energy import EnergyMeter
+    from guardkit_server.bench.server import LocalServer, ServerSettings, ServerStartError
+    from guardkit_server.bench.synthetic import bench_policies
+    from guardkit_server.policies.contract import PromptContract
 
     plan = Plan(args)
     model_dir, load_format, model_name = _model(args)

@@ -56,7 +56,7 @@ class BenchClient:
         response.raise_for_status()
         return dict(response.json())
 
-    async def guard(self, messages: list[dict[str, str]], policies: list[str]) -> Turn:
+    async def check(self, messages: list[dict[str, str]], policies: list[str]) -> Turn:
         body = {"messages": messages, "policies": policies, "timeout_ms": int(REQUEST_TIMEOUT_S * 1000)}
         started = time.perf_counter()
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..contract import PromptContract
+from guardkit_server.policies.contract import PromptContract
 
 _TOPICS = (
     "baking bread at home", "planning a trip to Lisbon", "fixing a flaky unit test",

@@ -37,14 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import machine
+from guardkit_server.bench import machine
 
-PATCHED, VANILLA, PATCHED_LOOP = "patched", "vanilla", "patched-loop"
+PATCHED, VANILLA = "patched", "vanilla"
 WORKER_ENV = {
     PATCHED: {"GUARDKIT_VLLM_PLUGIN": "1"},
     VANILLA: {"GUARDKIT_VLLM_PLUGIN": "0"},
-    # the patched engine with the per-run CPU LoRA loop instead of the batched path (A/B)
-    PATCHED_LOOP: {"GUARDKIT_VLLM_PLUGIN": "1", "GUARDKIT_CPU_LORA_BATCH": "0"},
 }
 # mode: (worker, adapter kind or None)
 MODES: dict[str, tuple[str, str | None]] = {
@@ -53,8 +51,6 @@ MODES: dict[str, tuple[str, str | None]] = {
     "lora": (VANILLA, "lora"),
     "lora-patched": (PATCHED, "lora"),
     "base-vanilla": (VANILLA, None),
-    "alora-loop": (PATCHED_LOOP, "alora"),  # A/B modes, not in the default run
-    "lora-patched-loop": (PATCHED_LOOP, "lora"),
 }
 DEFAULT_MODES = ("alora", "base", "lora", "lora-patched", "base-vanilla")
 MODE_HELP = {
@@ -63,9 +59,6 @@ MODE_HELP = {
     "lora": "vanilla vLLM, plain LoRA adapters",
     "lora-patched": "patched engine, plain LoRA (fast CPU LoRA, no sharing)",
     "base-vanilla": "vanilla vLLM, no adapter",
-    "alora-loop": "patched engine, aLoRA, first CPU LoRA path: per-run loop, every LoRA layer "
-    "(GUARDKIT_CPU_LORA_BATCH=0)",
-    "lora-patched-loop": "patched engine, plain LoRA, first CPU LoRA path (GUARDKIT_CPU_LORA_BATCH=0)",
 }
 _TAG = "@@BENCH "
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
@@ -98,7 +91,7 @@ class PromptShape:
 
 
 def prompt_shape(model_dir: Path, suffix_len: int) -> PromptShape:
-    from ..contract import PromptContract
+    from guardkit_server.policies.contract import PromptContract
 
     contract = PromptContract.from_pretrained(str(model_dir))
     fmt = contract.chat_format
@@ -112,10 +105,10 @@ def prompt_shape(model_dir: Path, suffix_len: int) -> PromptShape:
 
 # ------------------------------------------------------------------------ worker
 async def _worker(config: dict[str, Any]) -> None:
-    from ..engine import EngineConfig, Evaluation, GuardEngine
+    from guardkit_server.engine.engine import Engine, EngineConfig, Evaluation
 
     shape = PromptShape(**config["shape"])
-    engine = GuardEngine(EngineConfig(**config["engine"]))
+    engine = Engine(EngineConfig(**config["engine"]))
     started = time.perf_counter()
     await engine.start()
     adapters: dict[str, list[Any]] = {}
@@ -255,9 +248,9 @@ class Cell:
 
 
 def _adapters(model_dir: Path, count: int, root: Path) -> dict[str, list[str]]:
-    from ..adapters import fingerprint
-    from ..contract import PromptContract
-    from .synthetic import write_adapter
+    from guardkit_server.bench.synthetic import write_adapter
+    from guardkit_server.engine.adapters import fingerprint
+    from guardkit_server.policies.contract import PromptContract
 
     config = json.loads((model_dir / "config.json").read_text())
     folder = root / f"{model_dir.name}-{fingerprint(model_dir)}-{count}"
@@ -297,7 +290,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache-gb", type=float, default=1.5,
                    help="CPU KV cache of the patched engine (lora-patched 2000 x 32 needs ~1.5)")
     p.add_argument("--vanilla-kv-cache-gb", type=float, default=1.0,
-                   help="CPU KV cache of the vanilla (and patched-loop) engine")
+                   help="CPU KV cache of the vanilla engine")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="per engine worker on a GPU (default: 0.85 split between the workers)")
@@ -318,8 +311,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from ..assets import ensure_default_model
-    from .synthetic import dims_model, model_cache
+    from guardkit_server.bench.synthetic import dims_model, model_cache
+    from guardkit_server.engine.assets import ensure_default_model
 
     tokens = [int(x) for x in args.tokens.split(",")]
     ms = [int(x) for x in args.m.split(",")]
@@ -457,11 +450,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = dict(tokens=t, m=m)
         if get("alora") and get("base"):
             entry["alora_over_base"] = round(get("alora") / get("base"), 2)
-        for mode in ("lora", "lora-patched", "alora-loop"):
+        for mode in ("lora", "lora-patched"):
             if get(mode) and get("alora"):
                 entry[f"{mode}_over_alora"] = round(get(mode) / get("alora"), 2)
-        if get("lora-patched-loop") and get("lora-patched"):
-            entry["lora-patched-loop_over_lora-patched"] = round(get("lora-patched-loop") / get("lora-patched"), 2)
         out.append(entry)
     return out
 
@@ -484,8 +475,7 @@ def markdown(result: dict[str, Any]) -> str:
     columns = [
         (key, title) for key, title in (
             ("alora_over_base", "alora ÷ base"), ("lora_over_alora", "lora ÷ alora"),
-            ("lora-patched_over_alora", "lora-patched ÷ alora"), ("alora-loop_over_alora", "alora-loop ÷ alora"),
-            ("lora-patched-loop_over_lora-patched", "lora-patched-loop ÷ lora-patched"),
+            ("lora-patched_over_alora", "lora-patched ÷ alora"),
         ) if any(key in r for r in result["ratios"])
     ]
     m = result["machine"]

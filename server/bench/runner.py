@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..contract import PromptContract
-from . import conversation
-from .client import BenchClient, Turn
-from .energy import EnergyMeter
-from .synthetic import policy_name
+from guardkit_server.bench import conversation
+from guardkit_server.bench.client import BenchClient, Turn
+from guardkit_server.bench.energy import EnergyMeter
+from guardkit_server.bench.synthetic import policy_name
+from guardkit_server.policies.contract import PromptContract
 
 GRID_MODES = ("alora", "lora", "base")
 MULTITURN_MODES = ("guardkit", "lora", "no-cache")
@@ -89,7 +89,7 @@ async def warm_up(
     for round_ in range(2):
         for mode in modes:
             convo = conversation.build(contract, 200, f"warm-up {mode} r{round_} run {run_id}")
-            turn = await client.guard(convo.messages, policies_for(mode, m))
+            turn = await client.check(convo.messages, policies_for(mode, m))
             if turn.failed:
                 errors.append(f"warm-up {mode} ({m} policies): {turn.error}")
     return errors
@@ -120,7 +120,7 @@ async def run_grid(
                     # the unique part first: two markers share no token after the "["
                     marker = f"{cell.mode} s{sample} {tokens}x{m} run {run_id}"
                     convo = conversation.build(contract, tokens, marker, seed=sample)
-                    turn = await client.guard(convo.messages, policies_for(cell.mode, m))
+                    turn = await client.check(convo.messages, policies_for(cell.mode, m))
                     cell.turns.append(turn)
                     progress(
                         f"{tokens}x{m} {cell.mode} s{sample}: "
@@ -174,7 +174,7 @@ async def _no_cache_turn(
     loop = asyncio.get_running_loop()
     started = loop.time()
     calls = [
-        client.guard(_remark(messages, marker, f"t{turn} p{i} {marker}"), [name])
+        client.check(_remark(messages, marker, f"t{turn} p{i} {marker}"), [name])
         for i, name in enumerate(policies)
     ]
     parts = await asyncio.gather(*calls)
@@ -223,7 +223,7 @@ async def run_multiturn(
                 if mode == "no-cache":
                     turn = await _no_cache_turn(client, messages, markers[mode], policies, k)
                 else:
-                    turn = await client.guard(messages, policies)
+                    turn = await client.check(messages, policies)
                 if energy and before is not None:
                     turn.energy_j = energy.joules_since(before)
                 cells[(k, mode)].turns.append(turn)

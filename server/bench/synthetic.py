@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..adapters import ModelInfo, fingerprint
+from guardkit_server.engine.adapters import ModelInfo, fingerprint
 
 BENCH_PREFIX = "bench"
 METHODS = ("alora", "lora", "base")
@@ -50,7 +50,7 @@ _WORDS = (
 
 
 def model_cache() -> Path:
-    from ..assets import cache_dir
+    from guardkit_server.engine.assets import cache_dir
 
     return cache_dir() / "bench"
 
@@ -78,8 +78,12 @@ def dims_model(name: str, root: Path | None = None) -> Path:
 def _corpus() -> list[str]:
     """The texts guardkit sends (system prompt, questions, bench conversations and rules), so
     token counts come out close to a real tokenizer's."""
-    from ..contract import CONVERSATION_HEADER, DEFAULT_QUESTION, DEFAULT_SYSTEM_PROMPT
-    from .conversation import _TOPICS, _VOCAB
+    from guardkit_server.bench.conversation import _TOPICS, _VOCAB
+    from guardkit_server.policies.contract import (
+        CONVERSATION_HEADER,
+        DEFAULT_QUESTION,
+        DEFAULT_SYSTEM_PROMPT,
+    )
 
     fixed = [DEFAULT_SYSTEM_PROMPT, DEFAULT_QUESTION, CONVERSATION_HEADER, "User: ", "Assistant: ",
              "Policy: ", *_TOPICS, *(policy_rule(i) for i in range(100))]
@@ -162,8 +166,8 @@ def bench_policies(model_dir: Path, count: int, root: Path | None = None, rank: 
     The same rule text for policy i in every method, so aLoRA, LoRA and base requests have the
     same prompt ids and differ only in how they are served.
     """
-    from ..contract import PromptContract
-    from ..policy import BaseModelRef, PolicyManifest, write_manifest
+    from guardkit_server.policies.contract import PromptContract
+    from guardkit_server.policies.manifest import BaseModelRef, PolicyManifest, write_manifest
 
     config = json.loads((model_dir / "config.json").read_text())
     fp = fingerprint(model_dir)

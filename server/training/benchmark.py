@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .datasets import BUILTIN_POLICIES
-from .sources import HARMFUL_REQUEST, JAILBREAK
+from guardkit_server.training.datasets import BUILTIN_POLICIES
+from guardkit_server.training.sources import HARMFUL_REQUEST, JAILBREAK
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO / "docs" / "benchmarks"
@@ -53,7 +53,7 @@ CONTINUAL_METHODS = ("lora", "curlora", "alora")
 
 
 def work_dir() -> Path:
-    from ..assets import cache_dir
+    from guardkit_server.engine.assets import cache_dir
 
     return Path(os.environ.get("GUARDKIT_BENCH_DIR") or cache_dir() / "bench")
 
@@ -116,17 +116,17 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
     Metrics at the default threshold 0.5; ``tune_threshold`` adds them at the threshold that is most
     accurate on the dataset's validation split (scored the same way), for every cell alike.
     """
-    from ..assets import ensure_default_model
-    from ..contract import PromptContract
-    from ..engine import EngineConfig, GuardEngine
-    from ..policy import load_manifest
-    from .datasets import builtin_dataset
-    from .evaluate import score_with_engine
-    from .metrics import compute_metrics, metrics_at_best_threshold
+    from guardkit_server.engine.assets import ensure_default_model
+    from guardkit_server.engine.engine import Engine, EngineConfig
+    from guardkit_server.policies.contract import PromptContract
+    from guardkit_server.policies.manifest import load_manifest
+    from guardkit_server.training.datasets import builtin_dataset
+    from guardkit_server.training.evaluate import score_with_engine
+    from guardkit_server.training.metrics import compute_metrics, metrics_at_best_threshold
 
     model = str(ensure_default_model())
     contract = PromptContract.from_pretrained(model)
-    engine = GuardEngine(EngineConfig(model=model, max_loras=2, max_cpu_loras=4, max_lora_rank=8, max_model_len=2048))
+    engine = Engine(EngineConfig(model=model, max_loras=2, max_cpu_loras=4, max_lora_rank=8, max_model_len=2048))
     await engine.start()
     results = []
     try:
@@ -233,7 +233,7 @@ def evaluate_continual(stages: list[str] | None = None) -> None:
     env = environment()
     path = BENCH_DIR / "continual.json"
     results = _merge(path, asyncio.run(_evaluate(jobs, tune_threshold=False)), env)
-    from ..policy import load_manifest
+    from guardkit_server.policies.manifest import load_manifest
 
     b_steps = {m: load_manifest(continual_dir(m)).training.get("steps_this_run") for m in CONTINUAL_METHODS
                if (continual_dir(m) / "guardkit-policy.json").exists()}
@@ -267,7 +267,7 @@ def _strip(data: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- report
 def report() -> None:
-    from .report import write_accuracy_report, write_continual_report
+    from guardkit_server.training.report import write_accuracy_report, write_continual_report
 
     if (BENCH_DIR / "accuracy.json").exists():
         write_accuracy_report(BENCH_DIR, shipped_recipe)
@@ -282,7 +282,7 @@ def install() -> None:
     loss) in training: never the test split. Shipped at threshold 0.5: tuning it on the validation
     split did not carry over to the test split for trained adapters (docs/benchmarks/accuracy.md).
     """
-    from ..policy import load_manifest, write_manifest
+    from guardkit_server.policies.manifest import load_manifest, write_manifest
 
     accuracy = json.loads((BENCH_DIR / "accuracy.json").read_text()) if (BENCH_DIR / "accuracy.json").exists() else {"results": []}
     for policy in BUILTIN_POLICIES:
@@ -311,7 +311,7 @@ def install() -> None:
 
 def shipped_recipe(policy: str) -> str:
     """The shippable recipe whose run validated best (accuracy, then loss)."""
-    from ..policy import load_manifest
+    from guardkit_server.policies.manifest import load_manifest
 
     def key(recipe: str) -> tuple[float, float]:
         val = load_manifest(run_dir(policy, recipe)).training.get("validation") or {}

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..contract import DEFAULT_QUESTION, ContractError
-from .examples import DataError, Example, read_jsonl
-from .lowrank import METHODS
-from .trainer import DEFAULT_TARGETS, TrainConfig
+from guardkit_server.policies.contract import DEFAULT_QUESTION, ContractError
+from guardkit_server.training.examples import DataError, Example, read_jsonl
+from guardkit_server.training.lowrank import METHODS
+from guardkit_server.training.trainer import DEFAULT_TARGETS, TrainConfig
 
 EXIT_BAD_INPUT = 2
 
@@ -97,7 +97,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
 
 
 def _split_off(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
-    from .datasets import normalise, unit_hash
+    from guardkit_server.training.datasets import normalise, unit_hash
 
     if fraction <= 0:
         return examples, []
@@ -116,9 +116,9 @@ def run_train(args: argparse.Namespace) -> int:
     except (DataError, ContractError) as exc:
         return _fail("train", str(exc))
     except Exception as exc:  # model or package problems: still one line
-        from ..assets import ModelNotFoundError
-        from ..policy import PolicyError
-        from .sources import SourceError
+        from guardkit_server.engine.assets import ModelNotFoundError
+        from guardkit_server.policies.manifest import PolicyError
+        from guardkit_server.training.sources import SourceError
 
         if isinstance(exc, (ModelNotFoundError, PolicyError, SourceError, KeyError, OSError)):
             return _fail("train", str(exc).strip("'\""))
@@ -126,9 +126,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..assets import resolve_model
-    from ..policy import load_manifest
-    from .policy_training import PolicySpec, TrainJob, policy_from_manifest, run
+    from guardkit_server.engine.assets import resolve_model
+    from guardkit_server.policies.manifest import load_manifest
+    from guardkit_server.training.policy_training import (
+        PolicyDefinition,
+        TrainJob,
+        policy_from_manifest,
+        run,
+    )
 
     if args.data is None and args.dataset is None and args.continue_from is None:
         raise DataError("give --data FILE or --dataset NAME")
@@ -138,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
     datasets: dict[str, Any]
     builtin = None
     if args.dataset:
-        from .datasets import BUILTIN_POLICIES, builtin_dataset
+        from guardkit_server.training.datasets import BUILTIN_POLICIES, builtin_dataset
 
         if args.dataset not in BUILTIN_POLICIES:
             raise DataError(f"unknown dataset {args.dataset!r}; choose one of {sorted(BUILTIN_POLICIES)}")
@@ -171,7 +176,7 @@ def _train(args: argparse.Namespace) -> int:
     description = args.description if args.description is not None else (
         base.description if base else (builtin.policy.description if builtin else "")
     )
-    policy = PolicySpec(
+    policy = PolicyDefinition(
         name=name, rule=rule, description=description,
         question=args.question or (base.question if base else DEFAULT_QUESTION),
         labels=tuple(labels), block_label=args.block_label or (base.block_label if base else labels[0]),
@@ -230,10 +235,10 @@ def run_eval(args: argparse.Namespace) -> int:
     except (DataError, ContractError) as exc:
         return _fail("eval", str(exc))
     except Exception as exc:
-        from ..adapters import AdapterError
-        from ..assets import ModelNotFoundError
-        from ..policy import PolicyError
-        from .sources import SourceError
+        from guardkit_server.engine.adapters import AdapterError
+        from guardkit_server.engine.assets import ModelNotFoundError
+        from guardkit_server.policies.manifest import PolicyError
+        from guardkit_server.training.sources import SourceError
 
         if isinstance(exc, (ModelNotFoundError, PolicyError, SourceError, AdapterError, KeyError, OSError)):
             return _fail("eval", str(exc).strip("'\""))
@@ -241,12 +246,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
-    """``engine``: a started GuardEngine on the same model to use (default: start one)."""
-    from ..assets import resolve_model
-    from ..contract import PromptContract
-    from ..engine import EngineConfig, GuardEngine
-    from ..policy import load_manifest
-    from .evaluate import score_with_engine
+    """``engine``: a started Engine on the same model to use (default: start one)."""
+    from guardkit_server.engine.assets import resolve_model
+    from guardkit_server.engine.engine import Engine, EngineConfig
+    from guardkit_server.policies.contract import PromptContract
+    from guardkit_server.policies.manifest import load_manifest
+    from guardkit_server.training.evaluate import score_with_engine
 
     manifest = load_manifest(args.policy)
     if args.pick_threshold and args.zero_shot:
@@ -254,7 +259,7 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
     if args.pick_threshold and args.dataset and args.split == "test":
         raise DataError("pick the threshold on --split validation: the test split must not tune the policy")
     if args.dataset:
-        from .datasets import BUILTIN_POLICIES, builtin_dataset
+        from guardkit_server.training.datasets import BUILTIN_POLICIES, builtin_dataset
 
         if args.dataset not in BUILTIN_POLICIES:
             raise DataError(f"unknown dataset {args.dataset!r}; choose one of {sorted(BUILTIN_POLICIES)}")
@@ -272,7 +277,7 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
         rank = max(rank, int(json.loads(cfg_path.read_text()).get("r", 16)))
     own_engine = engine is None
     if own_engine:
-        engine = GuardEngine(EngineConfig(model=model, dtype=args.dtype, max_loras=2, max_lora_rank=rank))
+        engine = Engine(EngineConfig(model=model, dtype=args.dtype, max_loras=2, max_lora_rank=rank))
         await engine.start()
     try:
         report = await score_with_engine(
@@ -285,8 +290,8 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
     m = report.metrics
     print(f"guardkit eval: {manifest.name} ({report.method}) on {len(examples)} conversations")
     if args.pick_threshold:
-        from ..policy import write_manifest
-        from .metrics import metrics_at_best_threshold
+        from guardkit_server.policies.manifest import write_manifest
+        from guardkit_server.training.metrics import metrics_at_best_threshold
 
         print(f"  at threshold {manifest.threshold:.3f}: {m.line()}")
         m = metrics_at_best_threshold(report.scores, report.truth)

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .examples import Example, write_jsonl
-from .sources import (
+from guardkit_server.training.examples import Example, write_jsonl
+from guardkit_server.training.sources import (
     FILL,
     HARMFUL_COMPLIANCE,
     HARMFUL_REQUEST,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..contract import PromptContract
-from ..engine import Evaluation, GuardEngine
-from ..policy import PolicyManifest, load_manifest
-from .examples import Example, fit_messages
-from .metrics import Metrics, compute_metrics
+from guardkit_server.engine.engine import Engine, Evaluation
+from guardkit_server.policies.contract import PromptContract
+from guardkit_server.policies.manifest import PolicyManifest, load_manifest
+from guardkit_server.training.examples import Example, fit_messages
+from guardkit_server.training.metrics import Metrics, compute_metrics
 
 CHUNK = 64  # evaluations submitted together (the engine batches them)
 
@@ -47,7 +47,7 @@ def prompt_ids(
 
 
 async def score_with_engine(
-    engine: GuardEngine,
+    engine: Engine,
     contract: PromptContract,
     folder: str | Path,
     examples: Sequence[Example],

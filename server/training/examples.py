@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..contract import ROLES, ContractError, PolicyPrompt, PromptContract, message_text
+from guardkit_server.policies.contract import (
+    ROLES,
+    ContractError,
+    PolicyPrompt,
+    PromptContract,
+    message_text,
+)
 
 TRUNCATION_MARK = " [...] "
 

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .examples import Encoded
-from .lowrank import Activation
+from guardkit_server.training.examples import Encoded
+from guardkit_server.training.lowrank import Activation
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,12 +11,24 @@ from typing import Any
 
 import torch
 
-from ..adapters import fingerprint
-from ..contract import DEFAULT_LABELS, DEFAULT_QUESTION, ContractError, PolicyPrompt, PromptContract
-from ..policy import BaseModelRef, PolicyError, PolicyManifest, load_manifest, write_manifest
-from .examples import DataError, Example, check_labels_present, encode_all
-from .metrics import compute_metrics, metrics_at_best_threshold
-from .trainer import (
+from guardkit_server.engine.adapters import fingerprint
+from guardkit_server.policies.contract import (
+    DEFAULT_LABELS,
+    DEFAULT_QUESTION,
+    ContractError,
+    PolicyPrompt,
+    PromptContract,
+)
+from guardkit_server.policies.manifest import (
+    BaseModelRef,
+    PolicyError,
+    PolicyManifest,
+    load_manifest,
+    write_manifest,
+)
+from guardkit_server.training.examples import DataError, Example, check_labels_present, encode_all
+from guardkit_server.training.metrics import compute_metrics, metrics_at_best_threshold
+from guardkit_server.training.trainer import (
     LOG_FILE,
     TrainConfig,
     TrainLog,
@@ -34,7 +46,7 @@ from .trainer import (
 
 
 @dataclass
-class PolicySpec:
+class PolicyDefinition:
     """What the policy judges; written to the manifest."""
 
     name: str
@@ -54,7 +66,7 @@ class PolicySpec:
 class TrainJob:
     model_dir: str
     out: Path
-    policy: PolicySpec
+    policy: PolicyDefinition
     config: TrainConfig
     train: Sequence[Example]
     validation: Sequence[Example] = ()
@@ -73,8 +85,8 @@ class TrainOutcome:
     log: TrainLog
 
 
-def policy_from_manifest(manifest: PolicyManifest) -> PolicySpec:
-    return PolicySpec(
+def policy_from_manifest(manifest: PolicyManifest) -> PolicyDefinition:
+    return PolicyDefinition(
         name=manifest.name, rule=manifest.rule, description=manifest.description,
         question=manifest.question, labels=tuple(manifest.labels), block_label=manifest.block_label,
         threshold=manifest.threshold, version=manifest.version,
@@ -189,7 +201,7 @@ def run(job: TrainJob) -> TrainOutcome:
     return TrainOutcome(folder, manifest, result, result.log)
 
 
-def _threshold(policy: PolicySpec, validation: Sequence[Example], result: TrainResult) -> tuple[float, dict[str, Any] | None]:
+def _threshold(policy: PolicyDefinition, validation: Sequence[Example], result: TrainResult) -> tuple[float, dict[str, Any] | None]:
     """The policy's block threshold, and the validation summary for the manifest.
 
     ``policy.threshold`` None: picked on the validation scores (the training forward equals the

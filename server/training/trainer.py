@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..contract import PolicyPrompt, PromptContract
-from .examples import DataError, Encoded
-from .forward import answer_logits, label_log_probs
-from .lowrank import (
+from guardkit_server.policies.contract import PolicyPrompt, PromptContract
+from guardkit_server.training.examples import DataError, Encoded
+from guardkit_server.training.forward import answer_logits, label_log_probs
+from guardkit_server.training.lowrank import (
     ADAPTER_WEIGHTS,
     METHODS,
     AdapterSpec,

@@ -15,11 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from guardkit.types import GuardRequest, GuardResult, Timings, Usage, Verdict, VerdictError
-
-from .contract import ContractError, PromptContract
-from .engine import EngineError, EvalResult, Evaluation, EvaluationError, GuardEngine
-from .metrics import Metrics
-from .registry import LoadedPolicy, PolicyRegistry
+from guardkit_server.engine.engine import (
+    Engine,
+    EngineError,
+    EvalResult,
+    Evaluation,
+    EvaluationError,
+)
+from guardkit_server.policies.contract import ContractError, PromptContract
+from guardkit_server.policies.registry import LoadedPolicy, PolicyRegistry
+from guardkit_server.serving.metrics import Metrics
 
 
 class GuardRequestError(ValueError):
@@ -44,7 +49,7 @@ class Tenant:
 class FanOut:
     def __init__(
         self,
-        engine: GuardEngine,
+        engine: Engine,
         registry: PolicyRegistry,
         contract: PromptContract,
         metrics: Metrics,
@@ -79,7 +84,10 @@ class FanOut:
             raise GuardRequestError("no policies to run (none loaded or none selected)", param="policies")
         return [snapshot[n] for n in names]
 
-    async def guard(self, request: GuardRequest, tenant: Tenant) -> GuardResult:
+    async def run(
+        self, request: GuardRequest, tenant: Tenant, request_id: str | None = None
+    ) -> GuardResult:
+        """One guard call: every selected policy on the conversation, one shared prefix."""
         started = time.perf_counter()
         policies = self.select(request)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
@@ -111,7 +119,7 @@ class FanOut:
         prompt_tokens = sum(v.prompt_tokens for v in verdicts)
         cached = sum(v.cached_tokens for v in verdicts)
         result = GuardResult(
-            id=f"guard-{uuid.uuid4().hex}",
+            id=request_id or f"guard-{uuid.uuid4().hex}",
             blocked=bool(blocked_by) or fail_closed,
             blocked_by=blocked_by,
             would_block=[v.policy for v in verdicts if not v.enforced and v.outcome == "block"],

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
+from guardkit_server.engine.plugin.alora import find_last
+
 CONTRACT_VERSION = "1"
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -101,18 +103,6 @@ class ChatFormat:
     user_open: tuple[int, ...]  # opens a user turn: the default invocation sequence
     turn_close: tuple[int, ...]  # closes a user turn
     assistant_open: tuple[int, ...]  # the generation prompt
-
-
-def find_last(haystack: Sequence[int], needle: Sequence[int]) -> int:
-    """Index of the last occurrence of ``needle`` in ``haystack``, or -1."""
-    n = len(needle)
-    if n == 0:
-        return -1
-    first = needle[0]
-    for i in range(len(haystack) - n, -1, -1):
-        if haystack[i] == first and list(haystack[i : i + n]) == list(needle):
-            return i
-    return -1
 
 
 @dataclass

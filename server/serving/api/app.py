@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from ..adapters import ModelInfo
-from ..config import BUILTIN_POLICIES, ServerConfig
-from ..contract import PromptContract
-from ..engine import EngineConfig, GuardEngine
-from ..fanout import FanOut
-from ..metrics import Metrics
-from ..policy import PolicyError
-from ..registry import PolicyChecker, PolicyRegistry
-from .errors import error_response, install_error_handlers
-from .router import router
+from guardkit_server.engine.adapters import ModelInfo
+from guardkit_server.engine.assets import ModelNotFoundError, resolve_model
+from guardkit_server.engine.engine import Engine
+from guardkit_server.policies.checker import PolicyChecker
+from guardkit_server.policies.contract import PromptContract
+from guardkit_server.policies.manifest import PolicyError
+from guardkit_server.policies.registry import PolicyRegistry
+from guardkit_server.serving.api.errors import error_response, install_error_handlers
+from guardkit_server.serving.api.router import router
+from guardkit_server.serving.config import BUILTIN_POLICIES, ServerSettings
+from guardkit_server.serving.fanout import FanOut
+from guardkit_server.serving.metrics import Metrics
 
 logger = logging.getLogger("guardkit.server")
 
@@ -26,19 +29,19 @@ class StartupError(RuntimeError):
     """The server cannot start: the model or a policy cannot be loaded."""
 
 
-class GuardServer:
+class ServerRuntime:
     """Everything one server process owns, started in order and stopped once."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerSettings) -> None:
         self.config = config
-        self.engine: GuardEngine | None = None
+        self.engine: Engine | None = None
         self.registry: PolicyRegistry | None = None
         self.fanout: FanOut | None = None
         self.metrics = Metrics(lambda: len(self.engine.adapters) if self.engine else 0)
         self.ready = False
         self.model_name: str | None = None
 
-    def policy_dirs(self, model_path: str) -> list[Path]:
+    def policy_dirs(self) -> list[Path]:
         """--policies directories, else the built-in policies (trained for the default model)."""
         dirs = list(self.config.policy_dirs)
         if self.config.builtin_policies and not dirs and BUILTIN_POLICIES.is_dir():
@@ -46,11 +49,9 @@ class GuardServer:
         return dirs
 
     async def start(self) -> None:
-        from ..assets import ModelNotFoundError, resolve_model
-
         c = self.config
         try:
-            model_path = resolve_model(c.model)
+            model_path = resolve_model(c.engine.model)
         except ModelNotFoundError as exc:
             raise StartupError(str(exc)) from None
         try:
@@ -58,35 +59,31 @@ class GuardServer:
             contract.chat_format  # noqa: B018 - fail now on a template the contract cannot use
         except Exception as exc:
             raise StartupError(f"cannot load the tokenizer of {model_path}: {exc}") from None
-        dirs = self.policy_dirs(model_path)
-        checker = PolicyChecker(contract, ModelInfo.from_path(model_path), c.max_lora_rank)
+        dirs = self.policy_dirs()
+        model = ModelInfo.from_path(model_path)
+        checker = PolicyChecker(contract, model, c.engine.max_lora_rank)
         try:  # every policy is checked before the engine starts: fail fast, load nothing
-            folders = [f for d in dirs for f in checker.check_directory(d)]
+            checked = {d: checker.check_directory(d) for d in dirs}
         except PolicyError as exc:
             raise StartupError(str(exc)) from None
         # Every policy of a call should fit one engine batch, and every loaded policy should stay
         # resident: room for the policies found at start plus some added at runtime.
-        slots = max(16, len(folders) + 16)
-        self.engine = GuardEngine(
-            EngineConfig(
-                model=model_path, dtype=c.dtype, max_model_len=c.max_model_len,
-                max_loras=c.max_loras or slots, max_cpu_loras=c.max_cpu_loras or slots,
-                max_lora_rank=c.max_lora_rank, kv_cache_dtype=c.kv_cache_dtype,
-                kv_cache_memory_gb=c.kv_cache_memory_gb, block_size=c.block_size,
-                tensor_parallel_size=c.tensor_parallel_size,
-                data_parallel_size=c.data_parallel_size, load_format=c.load_format,
-                gpu_memory_utilization=c.gpu_memory_utilization,
-            )
-        )
-        self.model_name = checker.model.name
+        slots = max(16, sum(len(found) for found in checked.values()) + 16)
+        engine_config = c.engine.model_copy(update=dict(
+            model=model_path,
+            max_loras=c.engine.max_loras or slots,
+            max_cpu_loras=c.engine.max_cpu_loras or slots,
+        ))
+        self.engine = Engine(engine_config, model)
+        self.model_name = model.name
         self.registry = PolicyRegistry(self.engine, checker)
         try:
             await self.engine.start()
         except Exception as exc:
             raise StartupError(f"the engine failed to start on {model_path}: {exc}") from None
-        for directory in dirs:
+        for directory, policies in checked.items():
             try:
-                await self.registry.load_directory(directory)
+                await self.registry.load_checked(directory, policies)
             except PolicyError as exc:
                 raise StartupError(str(exc)) from None
         self.fanout = FanOut(
@@ -126,14 +123,26 @@ class _BodyGate(BaseHTTPMiddleware):
         return await call_next(request)
 
 
-def create_app(server: GuardServer) -> FastAPI:
+class _RequestId(BaseHTTPMiddleware):
+    """``x-request-id`` on every response; a guard call's id is its result's ``id``."""
+
+    async def dispatch(self, request: Request, call_next):  # type: ignore[no-untyped-def]
+        prefix = "guard" if request.url.path == "/v1/guard" else "req"
+        request_id = request.state.request_id = f"{prefix}-{uuid.uuid4().hex}"
+        response = await call_next(request)
+        response.headers["x-request-id"] = request_id
+        return response
+
+
+def create_app(server: ServerRuntime) -> FastAPI:
     app = FastAPI(
         title="guardkit-server",
         version="0.1.0",
         description="Many policy checks per chat turn: one verdict per policy, one shared prefill.",
     )
-    app.state.guard = server
+    app.state.runtime = server
     app.add_middleware(_BodyGate, limit=server.config.max_request_bytes)
+    app.add_middleware(_RequestId)  # outermost: every answer, errors included, carries the id
     install_error_handlers(app, server.metrics.observe_error)
     app.include_router(router)
     return app

@@ -14,10 +14,12 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .adapters import AdapterError, AdapterInfo, ModelInfo, inspect_adapter
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardkit_server.engine.adapters import AdapterError, AdapterInfo, ModelInfo, inspect_adapter
 
 
 class EngineError(RuntimeError):
@@ -28,35 +30,52 @@ class EvaluationError(ValueError):
     """A request the engine refused (the caller's fault: bad ids, missing invocation...)."""
 
 
-@dataclass
-class EngineConfig:
-    model: str
+class EngineConfig(BaseModel):
+    """The engine's settings: the one place their defaults are declared.
+
+    guardkit-server nests this object in its settings (flags, environment, config file).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description="HF model folder or hub id (default: the embedded SmolLM2-135M)"
+    )
     dtype: str = "auto"
-    max_model_len: int = 4096
-    max_loras: int = 8  # adapters in one batch (GPU slots)
-    max_cpu_loras: int | None = None  # adapters kept loaded; default: max_loras
-    max_lora_rank: int = 16
-    kv_cache_dtype: str = "auto"
-    kv_cache_memory_gb: float | None = None  # CPU: KV cache size; default 1 GiB
-    block_size: int | None = None  # default: 32 on CPU (finer prefix sharing), vLLM's on GPU
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
+    max_model_len: int = Field(8192, gt=0)
+    max_loras: int | None = Field(
+        None, gt=0,
+        description="adapters in one engine batch (default: the policies at start + 16, at least 16)",
+    )
+    max_cpu_loras: int | None = Field(
+        None, gt=0, description="adapters kept loaded (default: as max_loras)"
+    )
+    max_lora_rank: int = Field(16, gt=0)
+    kv_cache_dtype: str = Field("auto", description="e.g. fp8 on GPU")
+    kv_cache_memory_gb: float | None = Field(None, gt=0, description="CPU KV cache size (default 1)")
+    block_size: int | None = Field(
+        None, gt=0, description="default: 32 on CPU (finer prefix sharing), vLLM's on GPU"
+    )
+    tensor_parallel_size: int = Field(1, gt=0)
+    data_parallel_size: int = Field(1, gt=0)
+    max_num_seqs: int = Field(256, gt=0)
+    max_num_batched_tokens: int | None = Field(None, gt=0)
     enforce_eager: bool = False
-    load_format: str = "auto"
-    gpu_memory_utilization: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    load_format: str = Field("auto", description="'dummy' for random weights (timing)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    extra: dict[str, Any] = Field(default_factory=dict, description="more vLLM engine arguments")
 
     def engine_args(self) -> dict[str, Any]:
-        cpu = _is_cpu()
+        if self.model is None:
+            raise ValueError("EngineConfig.model must be resolved to a folder or hub id first")
+        max_loras = self.max_loras or _DEFAULT_SLOTS
         args: dict[str, Any] = dict(
             model=self.model,
             dtype=self.dtype,
             skip_tokenizer_init=True,  # guardkit tokenizes with the prompt contract
             enable_lora=True,
-            max_loras=self.max_loras,
-            max_cpu_loras=max(self.max_cpu_loras or self.max_loras, self.max_loras),
+            max_loras=max_loras,
+            max_cpu_loras=max(self.max_cpu_loras or max_loras, max_loras),
             max_lora_rank=self.max_lora_rank,
             enable_prefix_caching=True,
             max_model_len=self.max_model_len,
@@ -69,7 +88,7 @@ class EngineConfig:
             load_format=self.load_format,
             enforce_eager=self.enforce_eager,
         )
-        if cpu:
+        if _is_cpu():
             args["kv_cache_memory_bytes"] = int((self.kv_cache_memory_gb or 1.0) * (1 << 30))
             args["block_size"] = self.block_size or 32
         elif self.block_size:
@@ -78,6 +97,9 @@ class EngineConfig:
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
         args.update(self.extra)
         return args
+
+
+_DEFAULT_SLOTS = 16
 
 
 def _is_cpu() -> bool:
@@ -96,10 +118,6 @@ class Adapter:
     name: str
     lora_id: int
     info: AdapterInfo
-
-    @property
-    def kind(self) -> str:
-        return self.info.kind
 
     def lora_request(self) -> Any:
         from vllm.lora.request import LoRARequest
@@ -131,12 +149,13 @@ def renormalise(logprobs: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-class GuardEngine:
+class Engine:
     """Async wrapper over vLLM's AsyncLLM; one per server process."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: ModelInfo | None = None) -> None:
+        """``model``: the base model's identity when the caller has it (it hashes weights)."""
         self.config = config
-        self.model = ModelInfo.from_path(config.model)
+        self.model = model or ModelInfo.from_path(str(config.model))
         self._llm: Any = None
         self._ids = itertools.count(1)
         self._adapters: dict[str, Adapter] = {}
@@ -150,10 +169,6 @@ class GuardEngine:
 
         args = AsyncEngineArgs(**self.config.engine_args())
         self._llm = AsyncLLM.from_engine_args(args)
-
-    @property
-    def started(self) -> bool:
-        return self._llm is not None
 
     @property
     def max_model_len(self) -> int:
@@ -170,7 +185,7 @@ class GuardEngine:
             self._llm.shutdown()
             self._llm = None
 
-    async def __aenter__(self) -> GuardEngine:
+    async def __aenter__(self) -> Engine:
         await self.start()
         return self
 
@@ -183,19 +198,26 @@ class GuardEngine:
         return dict(self._adapters)
 
     async def add_adapter(
-        self, name: str, path: str, expected_fingerprint: str | None = None
+        self, name: str, adapter: str | AdapterInfo, expected_fingerprint: str | None = None
     ) -> Adapter:
-        """Check and load an adapter; on any error nothing is loaded and AdapterError is raised."""
-        if (
-            expected_fingerprint
-            and self.model.fingerprint
-            and expected_fingerprint != self.model.fingerprint
-        ):
-            raise AdapterError(
-                f"{path}: trained on base model {expected_fingerprint}, this engine serves "
-                f"{self.model.name} ({self.model.fingerprint})"
-            )
-        info = inspect_adapter(path, self.model, self.config.max_lora_rank)
+        """Load an adapter; on any error nothing is loaded and AdapterError is raised.
+
+        A folder path is checked here first; an ``AdapterInfo`` (from ``inspect_adapter``, as the
+        policy checker makes it) has been checked already and is trusted.
+        """
+        if isinstance(adapter, AdapterInfo):
+            info = adapter
+        else:
+            if (
+                expected_fingerprint
+                and self.model.fingerprint
+                and expected_fingerprint != self.model.fingerprint
+            ):
+                raise AdapterError(
+                    f"{adapter}: trained on base model {expected_fingerprint}, this engine serves "
+                    f"{self.model.name} ({self.model.fingerprint})"
+                )
+            info = inspect_adapter(adapter, self.model, self.config.max_lora_rank)
         async with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is already loaded")
@@ -203,9 +225,9 @@ class GuardEngine:
             try:
                 ok = await self._llm.add_lora(adapter.lora_request())
             except Exception as exc:
-                raise AdapterError(f"{path}: the engine could not load the adapter ({_root(exc)})") from None
+                raise AdapterError(f"{info.path}: the engine could not load the adapter ({_root(exc)})") from None
             if ok is False:
-                raise AdapterError(f"{path}: the engine refused the adapter")
+                raise AdapterError(f"{info.path}: the engine refused the adapter")
             self._adapters[name] = adapter
             return adapter
 
@@ -219,7 +241,7 @@ class GuardEngine:
                 pass
 
     # ------------------------------------------------------------------ evaluation
-    async def evaluate(self, evaluation: Evaluation, request_id: str | None = None) -> EvalResult:
+    async def evaluate(self, evaluation: Evaluation) -> EvalResult:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -240,7 +262,7 @@ class GuardEngine:
         if evaluation.cache_salt:
             prompt["cache_salt"] = evaluation.cache_salt
         lora = evaluation.adapter.lora_request() if evaluation.adapter else None
-        request_id = request_id or uuid.uuid4().hex
+        request_id = uuid.uuid4().hex
         started = time.perf_counter()
         final = None
         try:
@@ -284,9 +306,6 @@ class GuardEngine:
             await self._llm.abort(request_id)
         except Exception:
             pass
-
-    async def reset_prefix_cache(self) -> None:
-        await self._llm.reset_prefix_cache()
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:

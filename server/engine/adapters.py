@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardkit_server.engine.plugin.alora import invocation_from_config
+
 _IDENTITY_KEYS = (
     "architectures",
     "model_type",
@@ -47,10 +49,6 @@ class ModelInfo:
             return cls(path=path, name=path, config={}, fingerprint=None)
         config = json.loads((folder / "config.json").read_text())
         return cls(path=path, name=folder.name, config=config, fingerprint=fingerprint(folder))
-
-    @property
-    def max_position_embeddings(self) -> int | None:
-        return self.config.get("max_position_embeddings")
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each attention / MLP projection."""
@@ -98,10 +96,6 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     invocation_ids: tuple[int, ...] | None  # None: plain LoRA
 
-    @property
-    def kind(self) -> str:
-        return "alora" if self.invocation_ids else "lora"
-
 
 def inspect_adapter(path: str | Path, model: ModelInfo, max_rank: int | None = None) -> AdapterInfo:
     """Read and check a PEFT adapter folder against the base model; raise AdapterError."""
@@ -120,11 +114,10 @@ def inspect_adapter(path: str | Path, model: ModelInfo, max_rank: int | None = N
         raise AdapterError(f"{folder}: adapter_config.json has no valid rank r")
     if max_rank is not None and rank > max_rank:
         raise AdapterError(f"{folder}: rank {rank} exceeds the engine's max LoRA rank {max_rank}")
-    invocation = config.get("alora_invocation_tokens") or None
-    if invocation is not None and (
-        not isinstance(invocation, list) or not all(isinstance(t, int) and t >= 0 for t in invocation)
-    ):
-        raise AdapterError(f"{folder}: alora_invocation_tokens must be a list of token ids")
+    try:
+        invocation = invocation_from_config(config)
+    except ValueError as exc:
+        raise AdapterError(f"{folder}: {exc}") from None
     vocab = model.config.get("vocab_size")
     if invocation and vocab and max(invocation) >= vocab:
         raise AdapterError(f"{folder}: invocation ids are outside the base model's vocabulary")
@@ -136,7 +129,7 @@ def inspect_adapter(path: str | Path, model: ModelInfo, max_rank: int | None = N
         path=str(folder.resolve()),
         rank=rank,
         target_modules=tuple(sorted(targets)),
-        invocation_ids=tuple(invocation) if invocation else None,
+        invocation_ids=invocation,
     )
 
 

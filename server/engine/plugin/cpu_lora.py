@@ -10,18 +10,13 @@ nothing.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
 # Many short runs (aLoRA: one per policy, each the ~40-token policy turn) are done as one
 # padded batched matmul instead of a Python loop of tiny matmuls, whose per-op overhead
 # otherwise grows with m x layers x projections. Long runs (plain LoRA prefills) keep the loop.
-# GUARDKIT_CPU_LORA_BATCH=0 restores the first version of this path for A/B measurements: the
-# per-run loop everywhere and no skipping of layers without weights.
-_V2 = os.environ.get("GUARDKIT_CPU_LORA_BATCH", "1") != "0"
-_BATCH_MIN_RUNS = 4 if _V2 else sys.maxsize
+# (The A/B against the loop-only first version is in docs/benchmarks/engine-cpu-ab.md.)
+_BATCH_MIN_RUNS = 4
 _BATCH_MAX_RUN = 256
 
 
@@ -152,7 +147,7 @@ def _live_slots(stacked: torch.Tensor) -> frozenset[int] | None:
 
 def _no_weights_for_batch(wrapper, lora_a_stacked) -> bool:  # type: ignore[no-untyped-def]
     """True when no adapter of this prefill batch has weights in this layer: LoRA adds exactly 0."""
-    if wrapper.no_lora or not wrapper.is_prefill or not _V2:
+    if wrapper.no_lora or not wrapper.is_prefill:
         return False
     slots = {slot for _, _, slot in _segments(wrapper).segments}
     for stacked in lora_a_stacked:

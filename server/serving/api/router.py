@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from guardkit.types import GuardRequest, GuardResult, PolicyInfo, PolicyList, PolicyLoadRequest
+from guardkit_server.policies.registry import LoadedPolicy
+from guardkit_server.serving.api.errors import RouteError
+from guardkit_server.serving.fanout import Tenant
 
-from ..fanout import Tenant
-from ..registry import LoadedPolicy
-from .errors import APIError
+if TYPE_CHECKING:
+    from guardkit_server.serving.api.app import ServerRuntime
 
 router = APIRouter()
 
 
-def _server(request: Request):  # type: ignore[no-untyped-def]
-    return request.app.state.guard
+def _server(request: Request) -> ServerRuntime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 def _api_key(request: Request) -> str | None:
@@ -36,11 +38,11 @@ def tenant(request: Request) -> Tenant:
         return Tenant("default")
     key = _api_key(request)
     if not key:
-        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'")
+        raise RouteError(401, "missing API key: send 'Authorization: Bearer <key>'")
     for known, tenant_id in keys.items():
         if hmac.compare_digest(known.encode(), key.encode()):
             return Tenant(tenant_id)
-    raise APIError(401, "invalid API key")
+    raise RouteError(401, "invalid API key")
 
 
 def admin(request: Request) -> None:
@@ -49,15 +51,15 @@ def admin(request: Request) -> None:
     if not config.api_keys and not config.admin_key:
         return
     if not config.admin_key:
-        raise APIError(403, "policy management is disabled: start the server with --admin-key")
+        raise RouteError(403, "policy management is disabled: start the server with --admin-key")
     key = _api_key(request) or ""
     if not hmac.compare_digest(config.admin_key.encode(), key.encode()):
-        raise APIError(401 if not key else 403, "policy management needs the admin key")
+        raise RouteError(401 if not key else 403, "policy management needs the admin key")
 
 
 def ready(request: Request) -> None:
     if not _server(request).ready:
-        raise APIError(503, "the server is starting: model or policies not loaded yet")
+        raise RouteError(503, "the server is starting: model or policies not loaded yet")
 
 
 def policy_info(p: LoadedPolicy) -> PolicyInfo:
@@ -70,11 +72,11 @@ def policy_info(p: LoadedPolicy) -> PolicyInfo:
 
 
 @router.post("/v1/guard", response_model=GuardResult, dependencies=[Depends(ready)])
-async def guard(
+async def post_guard(
     body: GuardRequest, request: Request, who: Annotated[Tenant, Depends(tenant)]
 ) -> GuardResult:
     """Judge a conversation against policies; one verdict per policy plus the turn's decision."""
-    return await _server(request).fanout.guard(body, who)
+    return await _server(request).fanout.run(body, who, request_id=request.state.request_id)
 
 
 @router.get("/v1/policies", response_model=PolicyList, dependencies=[Depends(tenant)])
@@ -96,7 +98,7 @@ async def remove_policy(name: str, request: Request) -> PolicyInfo:
     try:
         return policy_info(await _server(request).registry.remove(name))
     except KeyError:
-        raise APIError(404, f"unknown policy {name!r}", "name") from None
+        raise RouteError(404, f"unknown policy {name!r}", "name") from None
 
 
 @router.post("/v1/policies/rescan", dependencies=[Depends(admin), Depends(ready)])

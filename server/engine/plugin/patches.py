@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .alora import ActivationError, activation_start, invocation_ids
+from guardkit_server.engine.plugin.alora import ActivationError, activation_start, invocation_ids
 
 logger = logging.getLogger("guardkit.plugin")
 

@@ -11,9 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from guardkit.types import ErrorDetail, ErrorResponse
-
-from ..fanout import GuardRequestError
-from ..policy import DuplicatePolicyError, PolicyError
+from guardkit_server.policies.manifest import DuplicatePolicyError, PolicyError
+from guardkit_server.serving.fanout import GuardRequestError
 
 logger = logging.getLogger("guardkit.server")
 
@@ -29,7 +28,9 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
+class RouteError(Exception):
+    """A route refuses the request with this status (the server-side error envelope)."""
+
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
@@ -81,8 +82,8 @@ def install_error_handlers(app: FastAPI, on_error) -> None:  # type: ignore[no-u
         status = 409 if isinstance(exc, DuplicatePolicyError) else 400
         return error_response(status, str(exc), "path")
 
-    @app.exception_handler(APIError)
-    async def _api(request: Request, exc: APIError) -> JSONResponse:
+    @app.exception_handler(RouteError)
+    async def _api(request: Request, exc: RouteError) -> JSONResponse:
         if exc.status == 401:
             on_error("unauthorized")
         return error_response(exc.status, str(exc), exc.param)

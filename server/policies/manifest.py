@@ -16,7 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .contract import CONTRACT_VERSION, DEFAULT_LABELS, DEFAULT_QUESTION, PolicyPrompt
+from guardkit_server.policies.contract import (
+    CONTRACT_VERSION,
+    DEFAULT_LABELS,
+    DEFAULT_QUESTION,
+    PolicyPrompt,
+)
 
 MANIFEST_FILE = "guardkit-policy.json"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"

@@ -23,7 +23,7 @@ def register() -> None:
     if _registered or not enabled():
         return
     _registered = True
-    from . import cpu_lora, patches
+    from guardkit_server.engine.plugin import cpu_lora, patches
 
     patches.patch_peft_helper()
     patches.patch_input_processor()

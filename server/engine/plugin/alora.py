@@ -11,26 +11,49 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..contract import find_last
-
 _lock = threading.Lock()
 _invocations: dict[tuple[int, str], tuple[int, ...] | None] = {}
+
+
+def find_last(haystack: Sequence[int], needle: Sequence[int]) -> int:
+    """Index of the last occurrence of ``needle`` in ``haystack``, or -1."""
+    n = len(needle)
+    if n == 0:
+        return -1
+    first = needle[0]
+    for i in range(len(haystack) - n, -1, -1):
+        if haystack[i] == first and list(haystack[i : i + n]) == list(needle):
+            return i
+    return -1
 
 
 class ActivationError(ValueError):
     """An aLoRA request whose prompt lacks the adapter's invocation ids."""
 
 
+def invocation_from_config(config: dict[str, Any]) -> tuple[int, ...] | None:
+    """A PEFT adapter config's ``alora_invocation_tokens`` (None: plain LoRA); ValueError if bad.
+
+    The one parser of this field: the server's adapter check and every vLLM process use it.
+    """
+    ids = config.get("alora_invocation_tokens") or None
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids
+    ):
+        raise ValueError("alora_invocation_tokens must be a list of token ids")
+    return tuple(ids)
+
+
 def read_invocation_ids(adapter_dir: str) -> tuple[int, ...] | None:
-    """The adapter's ``alora_invocation_tokens``, or None for a plain LoRA adapter."""
+    """The adapter folder's invocation ids, or None for a plain LoRA adapter."""
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         config = json.load(f)
-    ids = config.get("alora_invocation_tokens")
-    if not ids:
-        return None
-    if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
-        raise ValueError(f"{adapter_dir}: alora_invocation_tokens must be a list of token ids")
-    return tuple(ids)
+    try:
+        return invocation_from_config(config)
+    except ValueError as exc:
+        raise ValueError(f"{adapter_dir}: {exc}") from None
 
 
 def invocation_ids(lora_request: Any) -> tuple[int, ...] | None:

@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench-engine
+.PHONY: setup demo test test-unit bench-engine
 setup:
 	@scripts/setup.sh
 
@@ -10,8 +10,12 @@ setup:
 demo: setup
 	@scripts/demo.sh
 
+# The whole suite: tests/unit (no engine, no server; well under a minute) and tests/integration.
 test: setup
 	$(PY) -m pytest -q -ra
+
+test-unit: setup
+	$(PY) -m pytest -q -ra tests/unit
 
 bench-engine: setup
 	$(PY) -m guardkit_server.bench.engine

@@ -8,6 +8,7 @@ from typing import Any, Union, cast
 from pydantic import ValidationError
 
 from ._exceptions import InvalidInputError
+from ._judged import judged_text
 from .types import Message, Role
 
 MessageLike = Union[Message, Mapping[str, Any], str, Any]
@@ -41,43 +42,11 @@ def to_message(item: MessageLike) -> Message:
         except TypeError:
             item = dump(exclude_none=True)
     role = _ROLE_ALIASES.get(item.get("role", ""), item.get("role"))
-    text = _text(item.get("content"))
-    calls = _tool_calls_text(item.get("tool_calls") or ([item["function_call"]] if item.get("function_call") else []))
-    if item.get("refusal"):
-        text = "\n".join(filter(None, [text, str(item["refusal"])]))
-    if calls:
-        text = "\n".join(filter(None, [text, calls]))
+    text = judged_text(item)  # content, refusal and tool calls, as text
     try:
         return Message(role=cast(Role, role), content=text, name=item.get("name"))
     except ValidationError as exc:
         raise InvalidInputError(f"cannot judge message {dict(item)!r}: {exc.errors()[0]['msg']}") from None
-
-
-def _text(content: Any) -> str:
-    """Text of a content field: a string or a list of parts (non-text parts are not judged)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts: list[str] = []
-    for part in content:
-        if isinstance(part, str):
-            parts.append(part)
-        elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-        elif isinstance(part, Mapping) and isinstance(part.get("refusal"), str):
-            parts.append(part["refusal"])
-    return "".join(parts)
-
-
-def _tool_calls_text(calls: Iterable[Any]) -> str:
-    """Tool calls are judged too, as text: a harmful request can hide in the arguments."""
-    lines = []
-    for call in calls:
-        call = call if isinstance(call, Mapping) else call.model_dump()
-        function = call.get("function", call)
-        lines.append(f"[tool call] {function.get('name', '')}({function.get('arguments', '')})")
-    return "\n".join(lines)
 
 
 def assistant(text: str) -> Message:

@@ -11,19 +11,11 @@
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    BaseMessageChunk,
-    convert_to_messages,
-    convert_to_openai_messages,
-)
-from langchain_core.prompt_values import PromptValue
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, BaseMessageChunk
+from langchain_core.messages.ai import add_ai_message_chunks
 from langchain_core.runnables import Runnable, RunnableConfig
 
 from guardkit._client import AsyncGuardkit, Guardkit
@@ -31,69 +23,72 @@ from guardkit._concurrency import arun_alongside, run_alongside
 from guardkit._config import GuardConfig
 from guardkit._exceptions import blocked_error
 from guardkit._guard import LazyClients
-from guardkit._messages import assistant, to_messages
+from guardkit._judged import StreamedText
+from guardkit._messages import assistant
 from guardkit._report import GuardReport
 from guardkit._streaming import Window, aguard_stream, guard_stream
 from guardkit.types import GuardResult, Message, Stage
 
+from ._langchain_messages import as_text, input_messages, openai_message, output_message
+
 __all__ = ["GuardedRunnable", "GuardkitMiddleware", "input_messages", "output_message"]  # noqa: F822 - lazy
 
 _END = object()
+_STREAM_END = object()  # fed after the last upstream item when a tool call is still unjudged
 
 
-# ============================================================ conversions
-def input_messages(value: Any) -> list[Message]:
-    """What a Runnable is called with, as the conversation to judge."""
-    if isinstance(value, PromptValue):
-        return _from_langchain(value.to_messages())
-    if isinstance(value, str):
-        return to_messages(value)
-    if isinstance(value, BaseMessage):
-        return _from_langchain([value])
-    if isinstance(value, Mapping):
-        if "messages" in value:
-            return _from_langchain(convert_to_messages(value["messages"]))
-        text = "\n".join(f"{key}: {_as_text(item)}" for key, item in value.items())
-        return to_messages(text)
-    if isinstance(value, Sequence):
-        return _from_langchain(convert_to_messages(value))
-    return to_messages(_as_text(value))
+# ============================================================ streamed text
+class ChunkTexts:
+    """The judged text of one LangChain stream, chunk by chunk (the ``texts`` of guard_stream).
 
+    Text content is judged as it arrives. Tool calls are judged when the answer is complete
+    (the chunk with ``chunk_position="last"``, else the end of the stream): LangChain judges a
+    whole answer's tool calls as their parsed arguments, re-serialised, which the raw argument
+    fragments are not. So once the stream has ended the text judged is exactly the text of
+    the whole answer (``output_message`` of the chunks added up).
+    """
 
-def output_message(value: Any) -> Message:
-    """What a Runnable returned, as the assistant turn to judge."""
-    if isinstance(value, BaseMessage):
-        return _from_langchain([value])[-1].model_copy(update={"role": "assistant"})
-    if isinstance(value, Mapping) and "messages" in value and value["messages"]:
-        return output_message(convert_to_messages(value["messages"])[-1])
-    return assistant(_as_text(value))
+    def __init__(self) -> None:
+        self.judged = StreamedText()
+        self._calls: list[AIMessageChunk] = []  # the tool-call chunks so far, added up at the end
 
+    @property
+    def pending(self) -> bool:
+        """Tool calls have been streamed that are not judged yet."""
+        return bool(self._calls)
 
-def _from_langchain(messages: Sequence[BaseMessage]) -> list[Message]:
-    return to_messages(convert_to_openai_messages(list(messages)))
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    dump = getattr(value, "model_dump", None)
-    if dump is not None:
-        value = dump(mode="json")
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _chunk_texts(chunk: Any) -> Mapping[int, str]:
-    if isinstance(chunk, BaseMessageChunk):
-        text = str(chunk.text) if isinstance(chunk.content, (str, list)) else str(chunk.content)
-        for call in getattr(chunk, "tool_call_chunks", None) or ():
-            if call.get("name"):
-                text += f"\n[tool call] {call['name']}("
-            text += call.get("args") or ""
+    def __call__(self, chunk: Any) -> Mapping[int, str]:
+        if chunk is _STREAM_END:
+            return {0: self.end()}
+        if not isinstance(chunk, BaseMessageChunk):
+            return {0: self.judged.content(chunk if isinstance(chunk, str) else as_text(chunk))}
+        text = self.judged.content(str(chunk.text) if isinstance(chunk.content, (str, list)) else str(chunk.content))
+        calls = getattr(chunk, "tool_call_chunks", None)
+        if calls:
+            self._calls.append(AIMessageChunk(content="", tool_call_chunks=list(calls)))
+        if getattr(chunk, "chunk_position", None) == "last":
+            text += self.end()
         return {0: text}
-    return {0: chunk if isinstance(chunk, str) else _as_text(chunk)}
+
+    def end(self) -> str:
+        """The text of the tool calls streamed so far (the end of the answer)."""
+        if not self._calls:
+            return ""
+        calls, self._calls = add_ai_message_chunks(*self._calls), []  # merged as LangChain does
+        return self.judged.tool_calls(openai_message(calls).get("tool_calls") or ())
+
+
+def _then_end(upstream: Iterator[Any], texts: ChunkTexts) -> Iterator[Any]:
+    yield from upstream
+    if texts.pending:
+        yield _STREAM_END
+
+
+async def _athen_end(upstream: AsyncIterator[Any], texts: ChunkTexts) -> AsyncIterator[Any]:
+    async for item in upstream:
+        yield item
+    if texts.pending:
+        yield _STREAM_END
 
 
 # ======================================================== the wrapper
@@ -229,10 +224,18 @@ class GuardedRunnable(LazyClients, Runnable[Any, Any]):
         def on_block(result: GuardResult, stage: Stage) -> list[Any]:
             return [self._blocked(cfg, result, stage, report, chunk=True)]
 
-        yield from guard_stream(
-            chunks, texts=_chunk_texts, check=check_window, on_block=on_block,
+        texts = ChunkTexts()
+        guarded = guard_stream(
+            _then_end(chunks, texts), texts=texts, check=check_window, on_block=on_block,
             close=lambda: _close(upstream), options=cfg.stream,
+            held=lambda: texts.pending,  # tool-call fragments wait for their judged text
         )
+        try:
+            for chunk in guarded:
+                if chunk is not _STREAM_END:
+                    yield chunk
+        finally:
+            guarded.close()
 
     # ------------------------------------------------------------ async
     async def _acheck(self, cfg: GuardConfig, messages: list[Message], stage: Stage) -> GuardResult:
@@ -290,11 +293,18 @@ class GuardedRunnable(LazyClients, Runnable[Any, Any]):
         def on_block(result: GuardResult, stage: Stage) -> list[Any]:
             return [self._blocked(cfg, result, stage, report, chunk=True)]
 
-        async for chunk in aguard_stream(
-            chunks, texts=_chunk_texts, check=check_window, on_block=on_block,
+        texts = ChunkTexts()
+        guarded = aguard_stream(
+            _athen_end(chunks, texts), texts=texts, check=check_window, on_block=on_block,
             close=lambda: _aclose(upstream), options=cfg.stream,
-        ):
-            yield chunk
+            held=lambda: texts.pending,  # tool-call fragments wait for their judged text
+        )
+        try:
+            async for chunk in guarded:
+                if chunk is not _STREAM_END:
+                    yield chunk
+        finally:
+            await guarded.aclose()
 
 
 def _close(iterator: Any) -> None:

@@ -26,7 +26,7 @@ from guardkit._guard import LazyClients
 from guardkit._report import GuardReport
 from guardkit.types import GuardResult, Stage
 
-from .langchain import input_messages
+from ._langchain_messages import input_messages
 
 __all__ = ["GuardkitMiddleware"]
 

@@ -20,6 +20,7 @@ from guardkit._concurrency import arun_alongside, executor, run_alongside
 from guardkit._config import GuardConfig
 from guardkit._exceptions import blocked_error
 from guardkit._guard import async_client, sync_client
+from guardkit._judged import StreamedText
 from guardkit._messages import assistant, to_message, to_messages
 from guardkit._report import GuardReport
 from guardkit._streaming import Window, aguard_stream, guard_stream
@@ -106,6 +107,7 @@ class _Call:
         self.stream = kwargs.get("stream") is True
         self.report = GuardReport()
         self.stream_indexes: set[int] = {0}
+        self.judged: dict[int, StreamedText] = {}  # per choice index, when streaming
 
     def with_output(self, text_or_message: Any) -> list[Message]:
         last = assistant(text_or_message) if isinstance(text_or_message, str) else to_message(text_or_message)
@@ -172,21 +174,31 @@ class _Call:
         return self.final_chunks(result, indexes=sorted(self.stream_indexes))
 
     def texts(self, chunk: ChatCompletionChunk) -> Mapping[int, str]:
+        """New judged text per choice; a choice's ``finish_reason`` closes its last tool call,
+        so its text is then exactly that of the whole answer."""
         out: dict[int, str] = {}
         for choice in chunk.choices:
-            delta = choice.delta
-            if delta is None:
-                continue
-            text = (delta.content or "") + (getattr(delta, "refusal", None) or "")
-            for call in delta.tool_calls or ():
-                if call.function is not None:
-                    if call.function.name:
-                        text += f"\n[tool call] {call.function.name}("
-                    text += call.function.arguments or ""
+            judged = self.judged.setdefault(choice.index, StreamedText())
+            text = _delta_text(judged, choice.delta) if choice.delta is not None else ""
+            if choice.finish_reason is not None:
+                text += judged.end()
             if text:
                 out[choice.index] = text
         self.stream_indexes.update(out)
         return out
+
+
+def _delta_text(judged: StreamedText, delta: Any) -> str:
+    text = judged.content(delta.content) + judged.refusal(getattr(delta, "refusal", None))
+    for call in delta.tool_calls or ():
+        function = call.function
+        text += judged.tool_call(
+            call.index, function.name if function else None, function.arguments if function else None
+        )
+    legacy = getattr(delta, "function_call", None)  # deprecated function calling
+    if legacy is not None:
+        text += judged.tool_call("function_call", legacy.name, legacy.arguments)
+    return text
 
 
 def _choice_outputs(response: Any) -> list[tuple[int, Any]]:

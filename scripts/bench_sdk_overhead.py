@@ -53,8 +53,8 @@ def _free_port() -> int:
 
 
 def start_tiny_server(root: Path) -> tuple[str, subprocess.Popen[bytes], dict[str, Any]]:
-    sys.path.insert(0, str(REPO / "tests"))
-    import builders  # the test suite's tiny model and policy builders
+    sys.path.insert(0, str(REPO))
+    from tests.support import builders  # the test suite's tiny model and policy builders
 
     model = builders.build_model(root / "qwen3", "qwen3")
     policies = root / "policies"

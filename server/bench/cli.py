@@ -1,9 +1,10 @@
-"""``guardkit bench``: the paper's latency grid, a growing conversation and tokenomics, measured
-against a guardkit-server (started here, or ``--url``), written to ``docs/benchmarks/``.
+"""``guardkit-server bench``: the paper's latency grid, a growing conversation and tokenomics,
+measured against a guardkit-server (started here, or ``--url``), written to ``--out-dir``
+(default ``docs/benchmarks`` under the current directory: the repository's when run from its root).
 
-  guardkit bench --quick                      # CPU subset, embedded SmolLM2-135M, minutes
-  guardkit bench --dims qwen3-4b              # the full grid (GPU), Qwen3-4B dims, dummy weights
-  guardkit bench --url http://host:8600 ...   # a running server loaded with bench policies
+  guardkit-server bench --quick                      # CPU subset, embedded SmolLM2-135M, minutes
+  guardkit-server bench --dims qwen3-4b              # the full grid (GPU), Qwen3-4B dims, dummy weights
+  guardkit-server bench --url http://host:8600 ...   # a running server loaded with bench policies
 
 Exit status: 0 all cells measured; 1 some cells failed (reported as failed, never timed);
 2 nonsense parameters or no server.
@@ -23,7 +24,9 @@ from typing import Any
 from guardkit_server.bench import machine, report, runner
 from guardkit_server.bench.synthetic import DIMS, policy_name, policy_rule
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
+# Relative: resolved against the current directory when the results are written, never against
+# the installed package (site-packages is no place for results).
+DOCS = Path("docs") / "benchmarks"
 FULL = dict(lengths="100,200,300,500,1000,2000,3000,5000", m="1,5,10,20,30,50,100", samples=5,
             mt_tokens=5000, mt_m=10, mt_samples=3)
 QUICK = dict(lengths="100,300,1000,2000", m="1,5,10,20", samples=2,
@@ -69,7 +72,8 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--price-per-hour", type=float,
                      help="machine price for the cost column (default: 0.10 $/h CPU VM, 2.50 $/h GPU)")
-    out.add_argument("--out-dir", type=Path, default=DOCS)
+    out.add_argument("--out-dir", type=Path, default=DOCS,
+                     help=f"where results are written (default: ./{DOCS.as_posix()}, relative to the current directory)")
     out.add_argument("--name", help="output file stem (default: bench-<cpu|gpu>-<quick|full>)")
     out.add_argument("--render", type=Path, metavar="JSON",
                      help="only re-render the markdown and figures of a result JSON (e.g. after adding notes)")

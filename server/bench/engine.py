@@ -18,6 +18,9 @@ prompt contract's (close, invocation ids, distinct random rule ids, close, assis
 
   python -m guardkit_server.bench.engine                      # CPU, SmolLM2-135M (real weights)
   python -m guardkit_server.bench.engine --gpu                # GPU: Qwen3-4B dims, dummy weights
+
+Results go to ``--out-dir`` (default ``docs/benchmarks`` under the current directory: the
+repository's when run from its root).
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ MODE_HELP = {
     "base-vanilla": "vanilla vLLM, no adapter",
 }
 _TAG = "@@BENCH "
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
+# Relative: resolved against the current directory, never against the installed package.
+DOCS = Path("docs") / "benchmarks"
 
 
 # ----------------------------------------------------------------------- prompts
@@ -295,7 +299,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float,
                    help="per engine worker on a GPU (default: 0.85 split between the workers)")
     p.add_argument("--name", default=None, help="output name under --out-dir (default engine-cpu)")
-    p.add_argument("--out-dir", type=Path, default=DOCS)
+    p.add_argument("--out-dir", type=Path, default=DOCS,
+                   help=f"where results are written (default: ./{DOCS.as_posix()}, relative to the current directory)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.gpu:

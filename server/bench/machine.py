@@ -3,6 +3,9 @@
 Timings on a shared machine are only meaningful beside the load they were taken under, so every
 benchmark records a load snapshot (load average and the busiest other processes) at its start
 and end.
+
+The commit is the one of the guardkit checkout in the current directory (a benchmark run from
+the repository root); an installed package has no commit to report, so it is left out (None).
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def cpu_model() -> str:
@@ -49,17 +50,31 @@ def _version(package: str) -> str | None:
     return None
 
 
-def git_commit() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(_REPO), *args], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
+def _git(where: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10)
+    return done.stdout.strip() if done.returncode == 0 else ""
 
+
+def _is_guardkit_checkout(root: Path) -> bool:
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "server", "guardkit"))
+        text = (root / "pyproject.toml").read_text()
+    except OSError:
+        return False
+    return any(line.replace(" ", "") == 'name="guardkit"' for line in text.splitlines())
+
+
+def git_commit(where: Path | None = None) -> dict[str, Any]:
+    """Commit and dirtiness of the guardkit checkout holding ``where`` (default: the current
+    directory); both None outside one (an installed package, another project's repository)."""
+    none: dict[str, Any] = {"commit": None, "dirty": None}
+    try:
+        top = _git(Path.cwd() if where is None else where, "rev-parse", "--show-toplevel")
+        if not top or not _is_guardkit_checkout(Path(top)):
+            return none
+        commit = _git(Path(top), "rev-parse", "HEAD")
+        dirty = bool(_git(Path(top), "status", "--porcelain", "--untracked-files=no", "--", "server", "guardkit"))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return none
     return {"commit": commit or None, "dirty": dirty if commit else None}
 
 

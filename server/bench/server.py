@@ -62,7 +62,7 @@ class LocalServer:
     def __enter__(self) -> LocalServer:
         env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "guardkit_server.serving.cli", *self.settings.argv(self.port)],
+            [sys.executable, "-m", "guardkit_server.cli", *self.settings.argv(self.port)],
             stdout=self.log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         self.wait_ready()

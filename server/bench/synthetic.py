@@ -31,7 +31,7 @@ DIMS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_CHATML_TEMPLATE = (
+CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
@@ -39,7 +39,7 @@ _CHATML_TEMPLATE = (
     "{%- if enable_thinking is defined and enable_thinking is false %}"
     "{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
 )
-_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _WORDS = (
     "the user asks the assistant about bread flour water yeast salt oven policy review "
     "conversation answer question travel weather code python error account password email "
@@ -92,6 +92,24 @@ def _corpus() -> list[str]:
 
 def _chatml_tokenizer(out: Path):  # type: ignore[no-untyped-def]
     """A byte-level BPE tokenizer with a ChatML template (token counts stand in for Qwen's)."""
+    return bpe_tokenizer(
+        out, _corpus(), specials=CHATML_SPECIALS, chat_template=CHATML_TEMPLATE,
+        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )
+
+
+def bpe_tokenizer(  # type: ignore[no-untyped-def]
+    out: Path,
+    texts: list[str],
+    *,
+    specials: list[str],
+    chat_template: str,
+    eos_token: str,
+    pad_token: str,
+    bos_token: str | None = None,
+    vocab_size: int = 2048,
+):
+    """A byte-level BPE tokenizer trained on ``texts``, with a chat template, saved to ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -99,15 +117,17 @@ def _chatml_tokenizer(out: Path):  # type: ignore[no-untyped-def]
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=2048, special_tokens=_SPECIALS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        chat_template=_CHATML_TEMPLATE,
+        tokenizer_object=tok, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
+        chat_template=chat_template,
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    extra = [t for t in specials if t not in (bos_token, eos_token, pad_token)]
+    fast.add_special_tokens({"additional_special_tokens": extra})
+    out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     return fast
 

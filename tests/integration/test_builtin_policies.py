@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from processes import running_guard_server
 
 from guardkit import Guardkit
 from guardkit_server.engine.assets import ensure_default_model
 from guardkit_server.policies.manifest import load_manifest
 from guardkit_server.serving.config import BUILTIN_POLICIES
+from tests.support.processes import running_guard_server
 
 SHIPPED = ("jailbreak", "harmful-request", "harmful-compliance")
 BENIGN = [{"role": "user", "content": "Can you suggest a vegetarian lasagna recipe for four people?"}]

@@ -6,7 +6,8 @@
   request that reached the LLM and whether its response was read to the end, closed early or
   cancelled. The LLM stays real, the recorder only watches.
 - ``flavor``: "sync" / "async"; ``gk(flavor)`` makes a guardkit client of that flavor bound to
-  the ``guard_server`` of conftest.py; ``call`` / ``collect`` run either flavor's methods.
+  the ``guard_server`` of fixtures.py; ``call`` / ``collect`` run either flavor's methods, ``turn``
+  is a one-message conversation that no cache has seen.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import asyncio
 import inspect
 import json
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import free_port, spawn, stop, wait_ready
+
+from tests.support.processes import free_port, spawn, stop, wait_ready
 
 LLM_MODEL = "smollm2"
 
@@ -209,6 +212,10 @@ def gk(guard_server) -> Callable[..., Any]:
         return Guardkit(**settings) if flavor == "sync" else AsyncGuardkit(**settings)
 
     return make
+
+
+def turn(text: str = "Can you help me plan a garden?") -> list[dict]:
+    return [{"role": "user", "content": f"[{uuid.uuid4().hex[:8]}] {text}"}]
 
 
 async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

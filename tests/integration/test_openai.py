@@ -12,9 +12,9 @@ import logging
 import uuid
 
 import pytest
-from sdk_fixtures import call, closed_port_url, collect
 
 from guardkit import GuardReport, InputBlocked, OutputBlocked, guard
+from tests.support.sdk_fixtures import call, closed_port_url, collect
 
 pytestmark = [pytest.mark.server]
 

@@ -5,17 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
-)
 LLAMA_TEMPLATE = (
     "{{ bos_token }}{%- for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
@@ -39,38 +29,23 @@ The quick brown fox jumps over the lazy dog. think
 
 
 def build_tokenizer(out: Path, family: str = "chatml", vocab_size: int = 512):
-    """A byte-level BPE tokenizer with a chat template; "Yes"/"No" are single tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The benchmark's byte-level BPE tokenizer (ChatML or Llama 3 template) on a small corpus;
+    "Yes"/"No" are single tokens."""
+    from guardkit_server.bench.synthetic import CHATML_SPECIALS, CHATML_TEMPLATE, bpe_tokenizer
 
-    specials = CHATML_SPECIALS if family == "chatml" else LLAMA_SPECIALS
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_CORPUS], trainer=trainer)
     if family == "chatml":
         kw = dict(
-            bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-            chat_template=CHATML_TEMPLATE,
+            specials=CHATML_SPECIALS, chat_template=CHATML_TEMPLATE,
+            eos_token="<|im_end|>", pad_token="<|endoftext|>",
         )
     else:
         kw = dict(
+            specials=LLAMA_SPECIALS, chat_template=LLAMA_TEMPLATE,
             bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|eot_id|>",
-            chat_template=LLAMA_TEMPLATE,
         )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
-    extra = [t for t in specials if t not in (kw.get("bos_token"), kw["eos_token"], kw["pad_token"])]
-    fast.add_special_tokens({"additional_special_tokens": extra})
+    fast = bpe_tokenizer(out, [_CORPUS], vocab_size=vocab_size, **kw)
     for label in ("Yes", "No"):
         assert len(fast(label, add_special_tokens=False)["input_ids"]) == 1, label
-    out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out)
     return fast
 
 

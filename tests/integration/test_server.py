@@ -264,18 +264,53 @@ def test_rescan_adds_and_removes(guard_server):
 # ------------------------------------------------------------------ health & metrics
 def test_health_ready_metrics_openapi(guard_server):
     assert httpx.get(f"{guard_server.url}/health").json() == {"status": "ok"}
-    ready = httpx.get(f"{guard_server.url}/ready").json()
+    ready = httpx.get(f"{guard_server.url}/ready", headers=guard_server.headers()).json()
     assert ready["status"] == "ready" and "always" in ready["policies"]
     assert_serving(guard_server)
-    metrics = httpx.get(f"{guard_server.url}/metrics").text
+    metrics = httpx.get(f"{guard_server.url}/metrics", headers=guard_server.headers()).text
     for name in (
         "guardkit_guard_calls_total", "guardkit_guard_latency_seconds_bucket",
         'guardkit_policy_blocks_total{policy="always"}', "guardkit_prefix_cache_hit_tokens_total",
-        "guardkit_resident_adapters", "guardkit_errors_total",
+        "guardkit_resident_adapters", "guardkit_errors_total", "guardkit_engine_up 1.0",
     ):
         assert name in metrics, name
-    spec = httpx.get(f"{guard_server.url}/openapi.json").json()
+    spec = httpx.get(f"{guard_server.url}/openapi.json", headers=guard_server.admin_headers()).json()
     assert "/v1/guard" in spec["paths"] and "GuardRequest" in spec["components"]["schemas"]
+    documented = set(spec["paths"]["/v1/guard"]["post"]["responses"])
+    assert {"200", "400", "401", "404", "413", "422", "429", "503"} <= documented
+
+
+def test_keys_guard_everything_but_liveness(guard_server):
+    """With keys configured only /health and the bare /ready status are open."""
+    url = guard_server.url
+    assert httpx.get(f"{url}/health").status_code == 200
+    bare = httpx.get(f"{url}/ready")
+    assert bare.status_code == 200 and bare.json() == {"status": "ready"}  # no policy names
+    for path in ("/metrics", "/openapi.json", "/docs", "/v1/policies"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            answer = httpx.get(f"{url}{path}", headers=headers)
+            assert answer.status_code == 401, (path, headers)
+            assert answer.json()["error"]["type"] == "authentication_error"
+        for headers in (guard_server.headers(), guard_server.admin_headers()):
+            assert httpx.get(f"{url}{path}", headers=headers).status_code == 200, (path, headers)
+    names = [p["name"] for p in httpx.get(f"{url}/v1/policies", headers=guard_server.admin_headers()).json()["policies"]]
+    assert "always" in names  # the admin key can read policies
+
+
+def test_request_ids_on_every_answer(guard_server):
+    answer = guard(guard_server, {"messages": conversation(0), "policies": ["always"]})
+    assert answer.headers["x-request-id"] == answer.json()["id"]
+    refused = httpx.post(f"{guard_server.url}/v1/guard", json={"messages": []}, headers=guard_server.headers())
+    assert refused.status_code == 422 and refused.headers["x-request-id"].startswith("guard-")
+    assert httpx.get(f"{guard_server.url}/health").headers["x-request-id"].startswith("req-")
+
+
+def test_405_says_what_is_allowed_and_is_counted(guard_server):
+    answer = httpx.delete(f"{guard_server.url}/v1/guard", headers=guard_server.headers())
+    assert answer.status_code == 405 and "POST" in answer.headers["allow"]
+    assert answer.json()["error"]["type"] == "method_not_allowed"
+    metrics = httpx.get(f"{guard_server.url}/metrics", headers=guard_server.headers()).text
+    assert 'guardkit_errors_total{kind="method_not_allowed"}' in metrics
 
 
 # ------------------------------------------------------------------- startup errors

@@ -1,5 +1,7 @@
 """Pieces of the SDK that need no server: stream chunking and release, settings, the base
-install's imports."""
+install's imports, selections, the error tree, a garbage answer, the CLI with no server.
+
+Against the real guardkit-server: tests/integration/test_sdk.py."""
 
 from __future__ import annotations
 
@@ -7,10 +9,26 @@ import asyncio
 import subprocess
 import sys
 
+import httpx
 import pytest
 
-from guardkit import GuardConfig, GuardResult, StreamOptions
+import guardkit
+from guardkit import (
+    APIConnectionError,
+    APIResponseValidationError,
+    AsyncGuardkit,
+    GuardBlocked,
+    GuardConfig,
+    Guardkit,
+    GuardResult,
+    InputBlocked,
+    InvalidInputError,
+    PolicyRef,
+    StreamOptions,
+    select,
+)
 from guardkit._streaming import ChunkWindows, ReleaseQueue, Window, aguard_stream, guard_stream
+from tests.support.sdk_fixtures import call, closed_port_url, turn
 
 
 def result(blocked: bool) -> GuardResult:
@@ -141,3 +159,47 @@ def test_langchain_inputs_become_conversations():
     assert input_messages(state)[-1].text() == '[tool call] f({"x": 1})'
     assert [(m.role, m.text()) for m in input_messages({"question": "Q", "n": 2})] == [("user", "question: Q\nn: 2")]
     assert output_message("plain").role == "assistant" and output_message({"a": 1}).text() == '{"a": 1}'
+
+
+# ------------------------------------------------------------ no verdict, stubbed
+async def test_a_garbage_answer_is_no_verdict(flavor):
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, json={"unexpected": True}))
+    http = httpx.Client(transport=transport) if flavor == "sync" else httpx.AsyncClient(transport=transport)
+    client = (Guardkit if flavor == "sync" else AsyncGuardkit)(base_url="http://stub", http_client=http)
+    with pytest.raises(APIResponseValidationError):
+        await call(client.guards.create, turn())
+    assert (await call(client.check, turn())).blocked
+
+
+# --------------------------------------------------------------- selections
+def test_selections_map_onto_the_wire():
+    everything = select(None)
+    assert everything.request([]).policies is None and everything.request([]).monitor == []
+    exact = select(["a", PolicyRef.monitor("b")], on_error="allow")
+    request = exact.request([], stage="output")
+    assert (request.policies, request.monitor, request.on_error, request.stage) == (["a", "b"], ["b"], "allow", "output")
+    all_but = select("*", monitor=["c"])
+    assert all_but.request([]).policies is None and all_but.request([]).monitor == ["c"]
+    mixed = select(["a", "b"], on_error={"a": "allow"})
+    assert mixed.uniform_on_error is None and mixed.request([]).on_error == "block"
+    assert mixed.on_error_for("a") == "allow" and mixed.on_error_for("b") == "block"
+    with pytest.raises(ValueError):
+        select([])
+    with pytest.raises(ValueError):
+        select(["a"], on_error={"zzz": "allow"})
+
+
+def test_error_tree():
+    infra = [APIConnectionError, guardkit.APITimeoutError, guardkit.APIStatusError, APIResponseValidationError]
+    assert all(issubclass(e, guardkit.APIError) and not issubclass(e, GuardBlocked) for e in infra)
+    assert issubclass(guardkit.APITimeoutError, APIConnectionError)
+    assert issubclass(InputBlocked, GuardBlocked) and not issubclass(GuardBlocked, guardkit.APIError)
+    assert all(issubclass(e, guardkit.GuardkitError) for e in [*infra, GuardBlocked, InvalidInputError])
+
+
+# ------------------------------------------------------------------ the CLI
+def test_check_cli_without_a_server(capsys):
+    from guardkit.cli import main
+
+    assert main(["check", "--base-url", closed_port_url(), "--retries", "0", "hello"]) == 2
+    assert "cannot reach guardkit-server" in capsys.readouterr().err

@@ -19,3 +19,5 @@ SERVER_DEADLINE_SHARE = 0.9
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 LOGGER_NAME = "guardkit"
+# Every guardkit-server answer carries its request id; a guard call's is its result's ``id``.
+REQUEST_ID_HEADER = "x-request-id"

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from ._constants import REQUEST_ID_HEADER
+
 if TYPE_CHECKING:
     from ._report import GuardReport
     from .types import GuardResult, Stage
@@ -139,6 +141,7 @@ class APIResponseValidationError(APIError):
         super().__init__(message, response.request)
         self.response = response
         self.status_code = response.status_code
+        self.request_id: str | None = response.headers.get(REQUEST_ID_HEADER)
 
 
 class APIStatusError(APIError):
@@ -158,6 +161,8 @@ class APIStatusError(APIError):
         super().__init__(message, response.request)
         self.response = response
         self.status_code = response.status_code
+        # The server's id for this request (x-request-id), to quote when reporting a problem.
+        self.request_id: str | None = response.headers.get(REQUEST_ID_HEADER)
         self.body = body
         self.type = type
         self.param = param

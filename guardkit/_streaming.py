@@ -10,6 +10,7 @@ stream goes on, and releases upstream items only as their text passes (hold-back
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -87,7 +88,10 @@ class ReleaseQueue(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def push(self, item: T, ends: dict[int, int]) -> None:
+    def push(self, item: T, ends: dict[int, int], hold: bool = False) -> None:
+        """``hold``: the item carries text not judged yet; it waits for the final check."""
+        if hold:
+            ends = {i: math.inf for i in (ends or {0: 0})}  # type: ignore[misc]
         self._items.append((item, ends))
 
     def release(self, passed: Mapping[int, int]) -> list[T]:
@@ -136,6 +140,7 @@ def guard_stream(
     on_block: Callable[[GuardResult, Stage], Iterable[T]],
     close: Callable[[], Any],
     options: StreamOptions,
+    held: Callable[[], bool] | None = None,
 ) -> Iterator[T]:
     """Iterate ``upstream`` with its text judged in windows (see the module docstring)."""
     progress: _Progress[T] = _Progress(options)
@@ -155,7 +160,7 @@ def guard_stream(
         for item in upstream:
             for window in progress.windows.feed(texts(item)):
                 pending.append((window, pool.submit(check, window)))
-            progress.queue.push(item, progress.windows.lengths())
+            progress.queue.push(item, progress.windows.lengths(), hold=held is not None and held())
             blocked = settle(wait=False)
             if blocked is not None:
                 close()
@@ -187,6 +192,7 @@ async def aguard_stream(
     on_block: Callable[[GuardResult, Stage], Iterable[T]],
     close: Callable[[], Awaitable[Any]],
     options: StreamOptions,
+    held: Callable[[], bool] | None = None,
 ) -> AsyncIterator[T]:
     """The async twin of ``guard_stream``."""
     progress: _Progress[T] = _Progress(options)
@@ -205,7 +211,7 @@ async def aguard_stream(
         async for item in upstream:
             for window in progress.windows.feed(texts(item)):
                 pending.append((window, asyncio.ensure_future(check(window))))
-            progress.queue.push(item, progress.windows.lengths())
+            progress.queue.push(item, progress.windows.lengths(), hold=held is not None and held())
             blocked = await settle(wait=False)
             if blocked is not None:
                 await close()

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+
+from ._judged import content_text, judged_text
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 Outcome = Literal["allow", "block", "error"]
@@ -36,6 +46,30 @@ __all__ = [
 ]
 
 
+MAX_TIMEOUT_MS = 600_000  # ten minutes: longer than any guard call should take
+# Message fields folded into ``content`` (judged as text).
+_FOLDED = ("tool_calls", "function_call", "refusal")
+
+
+def _check_unicode(value: Any, where: str = "body") -> Any:
+    """Refuse lone surrogates (JSON escapes like \\ud800): they cannot be tokenized or echoed."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{where} contains a lone surrogate (U+{ord(value[exc.start]):04X}); send valid Unicode"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, f"{where}.{key}" if isinstance(key, str) else where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}.{i}")
+    return value
+
+
 class TextPart(BaseModel):
     """A text content part, as in OpenAI's chat messages."""
 
@@ -45,12 +79,18 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    """An OpenAI-style chat message. Only text is judged."""
+    """An OpenAI-style chat message. Only text is judged.
 
-    model_config = ConfigDict(extra="ignore")
+    ``tool_calls``, the legacy ``function_call`` and ``refusal`` are judged too: they are folded
+    into ``content`` as the SDK's text of them (``_judged.judged_text``), so a harmful request
+    hidden in a tool call's arguments is seen. Any other field is refused, never dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
     role: Role
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_call_id: str | None = Field(default=None, description="Accepted; not judged.")
 
     @field_validator("content", mode="before")
     @classmethod
@@ -59,18 +99,31 @@ class Message(BaseModel):
             return value
         raise ValueError(f"content must be a string or a list of text parts, not {type(value).__name__}")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_calls(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        extra = {k: value[k] for k in _FOLDED if value.get(k) is not None}
+        if not extra:
+            return {k: v for k, v in value.items() if k not in _FOLDED}
+        rest = {k: v for k, v in value.items() if k not in _FOLDED}
+        try:
+            rest["content"] = judged_text({**rest, **extra})
+        except (AttributeError, TypeError) as exc:
+            raise ValueError(f"tool_calls / function_call / refusal not understood: {exc}") from None
+        return rest
+
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        """The text this message is judged as (``_judged.content_text``)."""
+        return content_text(self.content)
 
 
 class GuardRequest(BaseModel):
     """POST /v1/guard: judge one conversation against a set of policies."""
 
     model_config = ConfigDict(extra="forbid")
+    _valid_unicode = model_validator(mode="before")(classmethod(lambda cls, v: _check_unicode(v)))
     messages: list[Message] = Field(min_length=1, description="The conversation, oldest first.")
     policies: list[str] | None = Field(
         default=None, description="Policy names to run; default: every loaded policy."
@@ -82,10 +135,21 @@ class GuardRequest(BaseModel):
     on_error: OnError = Field(
         default="block", description="What a policy error means for the turn (fail closed)."
     )
-    timeout_ms: int | None = Field(
-        default=None, gt=0, description="Deadline for the whole call; unfinished policies error."
+    timeout_ms: StrictInt | None = Field(
+        default=None, gt=0, le=MAX_TIMEOUT_MS,
+        description="Deadline for the whole call; unfinished policies error.",
     )
     stage: Stage | None = Field(default=None, description="Echoed back: which turn is judged.")
+
+    @model_validator(mode="after")
+    def _monitor_among_policies(self) -> GuardRequest:
+        if self.policies is not None:
+            outside = [m for m in self.monitor if m not in self.policies]
+            if outside:
+                raise ValueError(
+                    f"monitor names {outside} are not among policies; list them in policies too"
+                )
+        return self
 
 
 class VerdictError(BaseModel):
@@ -174,8 +238,16 @@ class PolicyLoadRequest(BaseModel):
     """POST /v1/policies: load (or replace) a policy folder that is on the server's disk."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str
-    replace: bool = False
+    _valid_unicode = model_validator(mode="before")(classmethod(lambda cls, v: _check_unicode(v)))
+    path: str = Field(min_length=1)
+    replace: StrictBool = False
+
+    @field_validator("path")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("path contains a NUL character")
+        return value
 
 
 class ErrorDetail(BaseModel):

@@ -124,7 +124,7 @@ def inspect_adapter(path: str | Path, model: ModelInfo, max_rank: int | None = N
     weights = folder / "adapter_model.safetensors"
     if not weights.exists():
         raise AdapterError(f"{folder}: no adapter_model.safetensors")
-    targets = _check_weights(weights, model)
+    targets = _check_weights(weights, model, rank)
     return AdapterInfo(
         path=str(folder.resolve()),
         rank=rank,
@@ -133,12 +133,13 @@ def inspect_adapter(path: str | Path, model: ModelInfo, max_rank: int | None = N
     )
 
 
-def _check_weights(weights: Path, model: ModelInfo) -> set[str]:
+def _check_weights(weights: Path, model: ModelInfo, rank: int) -> set[str]:
     from safetensors import SafetensorError, safe_open
 
     shapes = model.projection_shapes()
     layers = model.config.get("num_hidden_layers")
     targets: set[str] = set()
+    halves: dict[str, set[str]] = {}  # lora_B key -> which of A / B were seen
     try:
         with safe_open(str(weights), framework="pt") as f:
             keys = list(f.keys())
@@ -157,18 +158,32 @@ def _check_weights(weights: Path, model: ModelInfo) -> set[str]:
                             f"{weights}: weights for layer {layer}, but the base model has "
                             f"{layers} layers: the adapter was trained for another base model"
                         )
+                is_a = "lora_A" in parts
+                shape = tuple(f.get_slice(key).get_shape())
+                if len(shape) != 2:
+                    raise AdapterError(f"{weights}: {key} has shape {list(shape)}, not a matrix")
+                if (shape[0] if is_a else shape[1]) != rank:
+                    raise AdapterError(
+                        f"{weights}: {key} has rank {shape[0] if is_a else shape[1]}, but "
+                        f"adapter_config.json says r = {rank}"
+                    )
                 if module in shapes:
                     fan_in, fan_out = shapes[module]
-                    shape = tuple(f.get_slice(key).get_shape())
-                    want = fan_in if "lora_A" in parts else fan_out
-                    got = shape[1] if "lora_A" in parts else shape[0]
+                    want = fan_in if is_a else fan_out
+                    got = shape[1] if is_a else shape[0]
                     if got != want:
                         raise AdapterError(
                             f"{weights}: {module} expects size {want} on this base model, the "
                             f"adapter has {got}: it was trained for another base model"
                         )
+                if not bool(f.get_tensor(key).isfinite().all()):
+                    raise AdapterError(f"{weights}: {key} has NaN or infinite values")
+                halves.setdefault(key.replace("lora_A", "lora_B"), set()).add("A" if is_a else "B")
     except SafetensorError as exc:
         raise AdapterError(f"{weights}: cannot read the adapter weights ({exc})") from None
     if not targets:
         raise AdapterError(f"{weights}: no LoRA weights for attention or MLP projections")
+    unpaired = sorted(k for k, seen in halves.items() if len(seen) != 2)
+    if unpaired:
+        raise AdapterError(f"{weights}: {unpaired[0]} lacks its lora_A / lora_B partner")
     return targets

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardkit_server.engine.adapters import AdapterError, AdapterInfo, ModelInfo, inspect_adapter
+from guardkit_server.engine.plugin import enabled as plugin_enabled
 
 
 class EngineError(RuntimeError):
@@ -168,7 +169,20 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**self.config.engine_args())
-        self._llm = AsyncLLM.from_engine_args(args)
+        # Building the engine blocks for the whole model load: off the event loop, so a server
+        # keeps answering (503 while starting) meanwhile.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        if plugin_enabled() and getattr(self._llm.vllm_config, "use_v2_model_runner", False):
+            self.shutdown()  # this configuration forces the V2 runner, which is not patched
+            raise EngineError(
+                "this engine configuration uses vLLM's V2 model runner, which guardkit's aLoRA "
+                "plugin does not patch; aLoRA prefixes would be computed with adapter weights"
+            )
+
+    @property
+    def alive(self) -> bool:
+        """False before start, after shutdown, and as soon as the engine core process died."""
+        return self._llm is not None and not self._llm.errored
 
     @property
     def max_model_len(self) -> int:
@@ -245,8 +259,8 @@ class Engine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if self._llm is None:
-            raise EngineError("the engine is not started")
+        if not self.alive:
+            raise EngineError("the engine is not running")
         ids = list(evaluation.prompt_ids)
         if not ids:
             raise EvaluationError("empty prompt")
@@ -285,6 +299,9 @@ class Engine:
             label_logprobs = [float(position[t].logprob) for t in labels]
         except KeyError as exc:
             raise EngineError(f"label token {exc} missing from the engine's logprobs") from None
+        if not all(math.isfinite(lp) for lp in label_logprobs):
+            # NaN weights (a broken adapter) must never read as "allow".
+            raise EngineError(f"non-finite label log-probabilities {label_logprobs}")
         return EvalResult(
             label_logprobs=label_logprobs,
             probabilities=renormalise(label_logprobs),

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
+from guardkit._judged import ContentNotText, content_text
 from guardkit_server.engine.plugin.alora import find_last
 
 CONTRACT_VERSION = "1"
@@ -299,26 +300,7 @@ class PromptContract:
 
 def message_text(content: Any, index: int = 0) -> str:
     """The text of an OpenAI-style message content: a string or a list of text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts: list[str] = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, Mapping) and part.get("type") == "text" and isinstance(
-                part.get("text"), str
-            ):
-                parts.append(part["text"])
-            else:
-                raise ContractError(
-                    f"message {index} has a content part the guard cannot read "
-                    "(only text parts are supported)"
-                )
-        return "".join(parts)
-    if content is None:
-        return ""
-    raise ContractError(
-        f"message {index} content must be a string or a list of text parts, "
-        f"not {type(content).__name__}"
-    )
+    try:
+        return content_text(content, strict=True)
+    except ContentNotText as exc:
+        raise ContractError(f"message {index} {exc.detail}") from None

@@ -41,45 +41,64 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+EXIT_ENGINE_DIED = 3  # the engine core died after start: a supervisor should restart us
+
+
 async def serve(config: ServerSettings) -> int:
+    """Check the setup, open the port (503 until ready), start the engine, serve until stopped."""
     import uvicorn
 
-    from guardkit_server.serving.api.app import ServerRuntime, StartupError, create_app
+    from guardkit_server.serving.api.app import create_app
+    from guardkit_server.serving.runtime import ServerRuntime, StartupError
 
-    server = ServerRuntime(config)
-    _say(f"guardkit-server: starting engine ({config.engine.model or 'embedded SmolLM2-135M-Instruct'})...")
+    runtime = ServerRuntime(config)
     try:
-        await server.start()
+        runtime.prepare()
     except StartupError as exc:
         _say(f"guardkit-server: error: {exc}")
-        server.shutdown()
         return 1
-    policies = server.registry.snapshot() if server.registry else {}
-    listing = ", ".join(f"{p.name}@{p.manifest.version} ({p.manifest.method})" for p in policies.values())
     uv = uvicorn.Server(
-        uvicorn.Config(create_app(server), host=config.host, port=config.port, log_level="warning")
+        uvicorn.Config(create_app(runtime), host=config.host, port=config.port, log_level="warning")
     )
-    loop = asyncio.get_running_loop()
-    if server.registry is not None:
+    exit_code = 0
+
+    def stop(code: int) -> None:
+        nonlocal exit_code
+        exit_code = code
+        uv.should_exit = True
+
+    async def bring_up() -> None:
+        while not uv.started:
+            await asyncio.sleep(0.05)
+        _say(f"guardkit-server: listening on http://{config.host}:{config.port} (503 until ready)")
+        _say(f"guardkit-server: starting engine ({config.engine.model or 'embedded SmolLM2-135M-Instruct'})...")
+        try:
+            await runtime.start()
+        except StartupError as exc:
+            _say(f"guardkit-server: error: {exc}")
+            stop(1)
+            return
+        policies = runtime.registry.snapshot() if runtime.registry else {}
+        listing = ", ".join(f"{p.name}@{p.manifest.version} ({p.manifest.method})" for p in policies.values())
+        _say(f"guardkit-server: ready: model {runtime.model_name}; {len(policies)} policies: {listing or 'none'}")
+        if config.api_keys:
+            _say(f"guardkit-server: API keys required ({len(set(config.api_keys.values()))} tenants)")
+        registry = runtime.registry
         try:  # SIGHUP re-reads the policy directories, like POST /v1/policies/rescan
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: asyncio.ensure_future(server.registry.rescan())
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: asyncio.ensure_future(registry.rescan())
             )
         except (NotImplementedError, RuntimeError):
             pass
+        await runtime.supervise(lambda: stop(EXIT_ENGINE_DIED))
 
-    async def announce() -> None:
-        while not uv.started:
-            await asyncio.sleep(0.05)
-        _say(f"guardkit-server: listening on http://{config.host}:{config.port}")
-        _say(f"guardkit-server: model {server.model_name}; {len(policies)} policies: {listing or 'none'}")
-        if config.api_keys:
-            _say(f"guardkit-server: API keys required ({len(set(config.api_keys.values()))} tenants)")
-
-    watcher = asyncio.ensure_future(announce())
+    task = asyncio.ensure_future(bring_up())
     try:
         await uv.serve()
     finally:
-        watcher.cancel()
-        server.shutdown()
-    return 0 if uv.started else 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        runtime.shutdown()
+    if not uv.started:
+        return 1
+    return exit_code

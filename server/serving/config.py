@@ -58,6 +58,17 @@ class ServerSettings(BaseSettings):
     max_policies_per_call: int = Field(256, gt=0)
     default_timeout_ms: int = Field(30_000, gt=0)
     max_request_bytes: int = Field(8 << 20, gt=0)
+    max_conversation_chars: int = Field(
+        1_000_000, gt=0, description="characters of message text per call, checked before tokenizing"
+    )
+    max_inflight_evaluations: int | None = Field(
+        None, gt=0, description="policy evaluations running at once (default: the engine's max_num_seqs)"
+    )
+    max_queued_evaluations: int | None = Field(
+        None, ge=0,
+        description="policy evaluations waiting for room; beyond them calls get 429 at once "
+        "(default: as many as run at once)",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

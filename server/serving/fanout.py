@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from guardkit.types import GuardRequest, GuardResult, Timings, Usage, Verdict, VerdictError
@@ -24,6 +25,7 @@ from guardkit_server.engine.engine import (
 )
 from guardkit_server.policies.contract import ContractError, PromptContract
 from guardkit_server.policies.registry import LoadedPolicy, PolicyRegistry
+from guardkit_server.serving.admission import Admission
 from guardkit_server.serving.metrics import Metrics
 
 
@@ -55,6 +57,8 @@ class FanOut:
         metrics: Metrics,
         max_policies_per_call: int = 256,
         default_timeout_ms: int = 30_000,
+        admission: Admission | None = None,
+        max_conversation_chars: int = 1_000_000,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -62,6 +66,11 @@ class FanOut:
         self.metrics = metrics
         self.max_policies_per_call = max_policies_per_call
         self.default_timeout_ms = default_timeout_ms
+        self.admission = admission or Admission(capacity=256, queue=256)
+        self.max_conversation_chars = max_conversation_chars
+        # Tokenizing a long conversation takes CPU time: never on the event loop (health checks
+        # and other calls keep being answered), one at a time (the tokenizer is not shared).
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardkit-tokenize")
 
     def select(self, request: GuardRequest) -> list[LoadedPolicy]:
         snapshot = self.registry.snapshot()
@@ -89,10 +98,21 @@ class FanOut:
     ) -> GuardResult:
         """One guard call: every selected policy on the conversation, one shared prefix."""
         started = time.perf_counter()
+        timeout_s = (request.timeout_ms or self.default_timeout_ms) / 1000
         policies = self.select(request)
+        chars = sum(len(m.text()) for m in request.messages)
+        if chars > self.max_conversation_chars:
+            raise GuardRequestError(
+                f"the conversation has {chars} characters; this server judges at most "
+                f"{self.max_conversation_chars} per call",
+                status=413,
+                param="messages",
+            )
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         try:
-            prefix = self.contract.prefix_ids(messages)
+            prefix = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_thread, self.contract.prefix_ids, messages
+            )
         except ContractError as exc:
             raise GuardRequestError(str(exc), status=422, param="messages") from None
         longest = len(prefix) + max(len(p.suffix_ids) for p in policies)
@@ -104,7 +124,13 @@ class FanOut:
                 param="messages",
             )
         tokenized = time.perf_counter()
-        results = await self._evaluate(prefix, policies, tenant, request.timeout_ms)
+        remaining = timeout_s - (tokenized - started)
+        try:
+            async with self.admission.admit(len(policies), remaining):
+                left = timeout_s - (time.perf_counter() - started)
+                results = await self._evaluate(prefix, policies, tenant, left)
+        except asyncio.TimeoutError:  # the deadline passed while queued
+            results = [TimeoutError(f"no room in the engine within the {timeout_s * 1000:.0f} ms deadline")] * len(policies)
         finished = time.perf_counter()
 
         monitor = set(request.monitor)
@@ -149,7 +175,7 @@ class FanOut:
         prefix: Sequence[int],
         policies: Sequence[LoadedPolicy],
         tenant: Tenant,
-        timeout_ms: int | None,
+        timeout: float,
     ) -> list[EvalResult | BaseException]:
         self.registry.acquire(policies)
         try:
@@ -166,8 +192,7 @@ class FanOut:
                 )
                 for p in policies
             ]
-            timeout = (timeout_ms or self.default_timeout_ms) / 1000
-            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            done, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
             for task in pending:
                 task.cancel()
             if pending:

@@ -56,6 +56,10 @@ class Metrics:
             "guardkit_resident_adapters", "Policy adapters loaded in the engine", registry=r
         )
         self.resident.set_function(resident_adapters)
+        self.engine_up = Gauge(
+            "guardkit_engine_up", "1 while the engine serves, 0 while starting or after it died",
+            registry=r,
+        )
 
     def observe_call(self, result: GuardResult) -> None:
         outcome = "blocked" if result.blocked else ("error" if result.errored else "allowed")

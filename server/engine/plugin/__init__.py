@@ -22,17 +22,23 @@ def register() -> None:
     global _registered
     if _registered or not enabled():
         return
-    _registered = True
     from guardkit_server.engine.plugin import cpu_lora, patches
 
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true"):
+        raise patches.PatchTargetMissing(
+            "guardkit's aLoRA plugin patches the V1 model runner only; unset "
+            "VLLM_USE_V2_MODEL_RUNNER (or set GUARDKIT_VLLM_PLUGIN=0 for upstream vLLM)"
+        )
+    # The aLoRA mapping patch covers the V1 model runner; keep GPUs on it.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    patches.check_targets()
+    _registered = True
     patches.patch_peft_helper()
     patches.patch_input_processor()
     patches.patch_block_hashing()
     patches.patch_lora_mapping()
     if os.environ.get("GUARDKIT_FAST_CPU_LORA", "1") != "0":
         cpu_lora.patch_cpu_punica()
-    # The aLoRA mapping patch covers the V1 model runner; keep GPUs on it.
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     _exit_with_parent()
     logger.debug("guardkit aLoRA plugin registered (pid %d)", os.getpid())
 

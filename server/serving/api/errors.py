@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from guardkit.types import ErrorDetail, ErrorResponse
 from guardkit_server.policies.manifest import DuplicatePolicyError, PolicyError
+from guardkit_server.serving.admission import Overloaded
 from guardkit_server.serving.fanout import GuardRequestError
 
 logger = logging.getLogger("guardkit.server")
@@ -22,9 +24,22 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    405: "method_not_allowed",
     413: "request_too_large",
     422: "invalid_request_error",
+    429: "rate_limit_error",
     503: "unavailable_error",
+}
+
+
+# guardkit_errors_total{kind} for statuses that have a name of their own
+_KINDS = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    503: "unavailable",
 }
 
 
@@ -38,14 +53,20 @@ class RouteError(Exception):
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, details: list[dict[str, Any]] | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = ErrorResponse(
         error=ErrorDetail(
             type=_TYPES.get(status, "internal_error"), message=message, param=param, details=details
         )
     )
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
@@ -82,15 +103,23 @@ def install_error_handlers(app: FastAPI, on_error) -> None:  # type: ignore[no-u
         status = 409 if isinstance(exc, DuplicatePolicyError) else 400
         return error_response(status, str(exc), "path")
 
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        on_error("overloaded")
+        return error_response(
+            429, str(exc), headers={"Retry-After": f"{max(1, math.ceil(exc.retry_after_s))}"}
+        )
+
     @app.exception_handler(RouteError)
     async def _api(request: Request, exc: RouteError) -> JSONResponse:
-        if exc.status == 401:
-            on_error("unauthorized")
+        on_error(_KINDS.get(exc.status, f"http_{exc.status}"))
         return error_response(exc.status, str(exc), exc.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        # 404 for an unknown path, 405 (its Allow header kept) ...
+        on_error(_KINDS.get(exc.status_code, f"http_{exc.status_code}"))
+        return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
-from guardkit.types import GuardRequest, GuardResult, PolicyInfo, PolicyList, PolicyLoadRequest
+from guardkit.types import (
+    ErrorResponse,
+    GuardRequest,
+    GuardResult,
+    PolicyInfo,
+    PolicyList,
+    PolicyLoadRequest,
+)
 from guardkit_server.policies.registry import LoadedPolicy
 from guardkit_server.serving.api.errors import RouteError
 from guardkit_server.serving.fanout import Tenant
 
 if TYPE_CHECKING:
-    from guardkit_server.serving.api.app import ServerRuntime
+    from guardkit_server.serving.runtime import ServerRuntime
 
 router = APIRouter()
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer (one envelope for all)."""
+    return {status: {"model": ErrorResponse} for status in statuses}
 
 
 def _server(request: Request) -> ServerRuntime:
@@ -45,6 +58,22 @@ def tenant(request: Request) -> Tenant:
     raise RouteError(401, "invalid API key")
 
 
+def _known_key(request: Request) -> bool | None:
+    """None: the server has no keys; else whether the request carries a tenant or admin key."""
+    config = _server(request).config
+    if not config.api_keys and not config.admin_key:
+        return None
+    key = (_api_key(request) or "").encode()
+    known = [*config.api_keys, *([config.admin_key] if config.admin_key else [])]
+    return bool(key) and any(hmac.compare_digest(k.encode(), key) for k in known)
+
+
+def reader(request: Request) -> None:
+    """Reading server state (policies, metrics, API docs): any tenant key or the admin key."""
+    if _known_key(request) is False:
+        raise RouteError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+
 def admin(request: Request) -> None:
     """Policy management: open without auth, else only with the admin key."""
     config = _server(request).config
@@ -58,8 +87,17 @@ def admin(request: Request) -> None:
 
 
 def ready(request: Request) -> None:
-    if not _server(request).ready:
+    server = _server(request)
+    if server.engine_failed:
+        raise RouteError(503, "the engine has failed; the server is exiting for a restart")
+    if not server.ready:
         raise RouteError(503, "the server is starting: model or policies not loaded yet")
+
+
+class ReadyState(BaseModel):
+    status: str
+    model: str | None = None
+    policies: list[str] | None = None
 
 
 def policy_info(p: LoadedPolicy) -> PolicyInfo:
@@ -71,7 +109,10 @@ def policy_info(p: LoadedPolicy) -> PolicyInfo:
     )
 
 
-@router.post("/v1/guard", response_model=GuardResult, dependencies=[Depends(ready)])
+@router.post(
+    "/v1/guard", response_model=GuardResult, dependencies=[Depends(ready)],
+    responses=_errors(400, 401, 404, 413, 422, 429, 503),
+)
 async def post_guard(
     body: GuardRequest, request: Request, who: Annotated[Tenant, Depends(tenant)]
 ) -> GuardResult:
@@ -79,13 +120,17 @@ async def post_guard(
     return await _server(request).fanout.run(body, who, request_id=request.state.request_id)
 
 
-@router.get("/v1/policies", response_model=PolicyList, dependencies=[Depends(tenant)])
+@router.get(
+    "/v1/policies", response_model=PolicyList, dependencies=[Depends(reader)],
+    responses=_errors(401),
+)
 async def list_policies(request: Request) -> PolicyList:
     return PolicyList(policies=[policy_info(p) for p in _server(request).registry.snapshot().values()])
 
 
 @router.post(
     "/v1/policies", response_model=PolicyInfo, status_code=201,
+    responses=_errors(400, 401, 403, 409, 422, 503),
     dependencies=[Depends(admin), Depends(ready)],
 )
 async def load_policy(body: PolicyLoadRequest, request: Request) -> PolicyInfo:
@@ -93,7 +138,10 @@ async def load_policy(body: PolicyLoadRequest, request: Request) -> PolicyInfo:
     return policy_info(await _server(request).registry.load(body.path, replace=body.replace))
 
 
-@router.delete("/v1/policies/{name}", response_model=PolicyInfo, dependencies=[Depends(admin)])
+@router.delete(
+    "/v1/policies/{name}", response_model=PolicyInfo, dependencies=[Depends(admin)],
+    responses=_errors(401, 403, 404),
+)
 async def remove_policy(name: str, request: Request) -> PolicyInfo:
     try:
         return policy_info(await _server(request).registry.remove(name))
@@ -101,7 +149,10 @@ async def remove_policy(name: str, request: Request) -> PolicyInfo:
         raise RouteError(404, f"unknown policy {name!r}", "name") from None
 
 
-@router.post("/v1/policies/rescan", dependencies=[Depends(admin), Depends(ready)])
+@router.post(
+    "/v1/policies/rescan", dependencies=[Depends(admin), Depends(ready)],
+    responses=_errors(401, 403, 503),
+)
 async def rescan(request: Request) -> dict[str, list[str]]:
     """Re-read the policy directories: add new folders, replace changed ones, drop removed ones."""
     return await _server(request).registry.rescan()
@@ -112,17 +163,19 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"model": ReadyState}})
 async def readiness(request: Request) -> JSONResponse:
+    """200 when calls can be served, else 503; model and policies only for a known key."""
     server = _server(request)
-    body = {
-        "status": "ready" if server.ready else "starting",
-        "model": server.model_name,
-        "policies": list(server.registry.snapshot()) if server.registry else [],
-    }
+    body: dict[str, object] = {"status": server.state}
+    if _known_key(request) is not False:
+        body["model"] = server.model_name
+        body["policies"] = list(server.registry.snapshot()) if server.registry else []
     return JSONResponse(body, status_code=200 if server.ready else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics", dependencies=[Depends(reader)], response_class=Response, responses=_errors(401)
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -231,3 +231,29 @@ async def test_prompt_longer_than_context_is_refused(engine, contract, loaded):
     adapters, _ = loaded
     with pytest.raises(EvaluationError, match="does not fit"):
         await engine.evaluate(Evaluation([5] * 5000, contract.label_token_ids(), adapter=adapters[0]))
+
+
+async def test_a_non_finite_score_is_an_engine_error_never_a_verdict(engine, tiny, contract, tmp_path):
+    """An adapter that passed its checks but computes NaN (weights changed after the check, a
+    numerical blow-up) gives an EngineError, which the fan-out turns into an error verdict."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from guardkit_server.engine.adapters import inspect_adapter
+    from guardkit_server.engine.engine import EngineError
+
+    folder = tmp_path / "nan-later"
+    shutil.copytree(tiny.alora[0], folder)
+    info = inspect_adapter(folder, engine.model, 8)  # checked while still sound
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    for key in [k for k in weights if "lora_B" in k]:
+        weights[key].fill_(float("nan"))
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    adapter = await engine.add_adapter(f"nan-{uuid.uuid4().hex[:6]}", info)  # trusted: no re-check
+    try:
+        prompt = contract.build(conversation(), PolicyPrompt(rule="Rule.", invocation_ids=tuple(tiny.invocation)))
+        with pytest.raises(EngineError, match="non-finite"):
+            await engine.evaluate(Evaluation(prompt.ids, contract.label_token_ids(), adapter=adapter))
+    finally:
+        await engine.remove_adapter(adapter)

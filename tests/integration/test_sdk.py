@@ -143,6 +143,9 @@ async def test_client_errors_raise_and_are_not_retried(flavor, gk, kwargs, setti
         await call(client.check, messages, **kwargs)  # on_error never hides a bad request
     assert len(sent) == 1
     assert info.value.status_code == error.status_code and info.value.message
+    # the server's id for the failed request, as openai-python's errors carry it
+    assert info.value.request_id == info.value.response.headers["x-request-id"]
+    assert info.value.request_id.startswith("guard-")
     await call(http.close if flavor == "sync" else http.aclose)
 
 

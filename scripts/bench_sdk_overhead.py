@@ -10,7 +10,7 @@ network, no server): the SDK's own CPU cost with the least noise.
     python scripts/bench_sdk_overhead.py --url http://127.0.0.1:8600 [--api-key K] [--policies a,b]
 
 Without ``--url`` it builds the test suite's tiny random Qwen3 with two policies (via
-``tests/builders.py``) and starts ``guardkit-server`` on a free port: the server's own time
+``tests/support/builders.py``) and starts ``guardkit-server`` on a free port: the server's own time
 cancels out in the difference, and the tiny model keeps it short and steady.
 Writes ``docs/benchmarks/sdk-overhead.{json,md,png}``.
 """
@@ -81,7 +81,7 @@ def start_tiny_server(root: Path) -> tuple[str, subprocess.Popen[bytes], dict[st
         if time.monotonic() > deadline:
             raise TimeoutError(log.read_text()[-3000:])
         time.sleep(1)
-    server = {"kind": "tiny test server (tests/builders.py): random Qwen3, 2 aLoRA policies", "policies": ["always", "never"]}
+    server = {"kind": "tiny test server (tests/support/builders.py): random Qwen3, 2 aLoRA policies", "policies": ["always", "never"]}
     return url, process, server
 
 

@@ -162,12 +162,12 @@ class Plan:
                     f"m = {self.max_m} needs {self.max_m} '{method}' policies "
                     f"({policy_name(method, 0)} ... {policy_name(method, self.max_m - 1)}), but the "
                     f"server has {count} loaded; start it with --policies from "
-                    "`guardkit bench --write-policies` (or let guardkit bench start it)"
+                    "`guardkit-server bench --write-policies` (or let guardkit-server bench start it)"
                 )
 
 
 def _say(message: str) -> None:
-    print(f"guardkit bench: {message}", file=sys.stderr, flush=True)
+    print(f"guardkit-server bench: {message}", file=sys.stderr, flush=True)
 
 
 def _model(args: argparse.Namespace) -> tuple[Path, str, str]:
@@ -266,7 +266,7 @@ async def _run(args: argparse.Namespace, transport: Any) -> int:
         title="guardkit-server: aLoRA vs LoRA policies per chat turn (paper design)",
         date=machine.today(), machine=machine.machine_info(), versions=machine.versions(),
         model=model_name, load_format=load_format, run_id=run_id,
-        server={"url_kind": "given by --url" if args.url else "started by guardkit bench",
+        server={"url_kind": "given by --url" if args.url else "started by guardkit-server bench",
                 "argv": None if args.url else settings.argv(0)},
         settings=dict(
             lengths=plan.lengths, m=plan.ms, samples=plan.samples, modes=plan.modes,
@@ -299,7 +299,7 @@ async def _measure(plan: Plan, client: Any, contract: Any, run_id: str, energy: 
         plan.multiturn and plan.turns * len(plan.mt_modes) * plan.mt_samples
     )
     result: dict[str, Any] = {}
-    with tqdm(total=calls, desc="guardkit bench", unit="turn", dynamic_ncols=True, file=sys.stderr) as bar:
+    with tqdm(total=calls, desc="guardkit-server bench", unit="turn", dynamic_ncols=True, file=sys.stderr) as bar:
         def progress(message: str) -> None:
             bar.update(1)
             bar.set_postfix_str(message[:70])
@@ -309,7 +309,7 @@ async def _measure(plan: Plan, client: Any, contract: Any, run_id: str, energy: 
             x for x in ("alora", "lora") if plan.multiturn and x not in plan.modes
         ]
         for error in await runner.warm_up(client, contract, run_id, warm_modes, plan.max_m):
-            tqdm.write(f"guardkit bench: warning: {error}", file=sys.stderr)
+            tqdm.write(f"guardkit-server bench: warning: {error}", file=sys.stderr)
         if plan.grid:
             cells = await runner.run_grid(client, contract, run_id, plan.lengths, plan.ms, plan.modes,
                                           plan.samples, progress)
@@ -344,7 +344,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="guardkit bench")
+    parser = argparse.ArgumentParser(prog="guardkit-server bench")
     configure_bench(parser)
     return run_bench(parser.parse_args(argv))
 

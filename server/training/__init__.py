@@ -1,4 +1,4 @@
-"""Training and evaluation of policy adapters (``guardkit train`` / ``guardkit eval``)."""
+"""Training and evaluation of policy adapters (``guardkit-server train`` / ``guardkit-server eval``)."""
 
 import os as _os
 

@@ -1,4 +1,4 @@
-"""``guardkit train`` and ``guardkit eval``.
+"""``guardkit-server train`` and ``guardkit-server eval``.
 
 Bad input ends the command with exit status 2 and one line on stderr saying why.
 """
@@ -21,7 +21,7 @@ EXIT_BAD_INPUT = 2
 
 
 def _fail(command: str, message: str) -> int:
-    print(f"guardkit {command}: {message}", file=sys.stderr)
+    print(f"guardkit-server {command}: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -206,7 +206,7 @@ def _train(args: argparse.Namespace) -> int:
         if "threshold" in val:
             val_line += f"; threshold {val['threshold']:.3f} ({val['threshold_source']}): accuracy {val['accuracy_at_threshold']:.3f}"
     print(
-        f"guardkit train: wrote {outcome.folder} ({outcome.manifest.method}, {outcome.result.step} steps, "
+        f"guardkit-server train: wrote {outcome.folder} ({outcome.manifest.method}, {outcome.result.step} steps, "
         f"{outcome.log.seconds:.0f} s{val_line})"
     )
     return 0
@@ -288,7 +288,7 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
         if own_engine:
             engine.shutdown()
     m = report.metrics
-    print(f"guardkit eval: {manifest.name} ({report.method}) on {len(examples)} conversations")
+    print(f"guardkit-server eval: {manifest.name} ({report.method}) on {len(examples)} conversations")
     if args.pick_threshold:
         from guardkit_server.policies.manifest import write_manifest
         from guardkit_server.training.metrics import metrics_at_best_threshold

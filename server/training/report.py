@@ -41,7 +41,7 @@ def write_accuracy_report(folder: Path, shipped_recipe: Callable[[str], str] | N
         "(**bold**): per policy, the aLoRA recipe whose run validated better in training.",
         "",
         "Last columns: the same scores at the threshold that is most accurate on the validation split",
-        "(`guardkit train --threshold auto`, `guardkit eval --pick-threshold`).",
+        "(`guardkit-server train --threshold auto`, `guardkit-server eval --pick-threshold`).",
         "",
         *_env_lines(data["environment"]),
         "",

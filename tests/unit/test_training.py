@@ -56,7 +56,7 @@ def test_bad_training_data_is_refused(tiny, tmp_path, capsys, rows, extra, messa
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert message in err
-    assert len(err.splitlines()) == 1 and err.startswith("guardkit train: ")
+    assert len(err.splitlines()) == 1 and err.startswith("guardkit-server train: ")
     assert not out.exists()
 
 

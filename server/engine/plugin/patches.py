@@ -29,7 +29,7 @@ ACTIVATION_KEY = "guardkit_alora_start"
 
 # Every (module, attribute) the patches replace or read. All must exist: register() refuses to
 # run half-patched (a missing target would serve adapter-computed KV as base-model blocks).
-# tests/unit/test_plugin_targets.py checks them, statically, against each supported vLLM.
+# tests/integration/test_plugin_targets.py checks them, statically, against each supported vLLM.
 TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.lora.peft_helper", "PEFTHelper._validate_features"),
     ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 
@@ -13,6 +14,8 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from guardkit_server.serving.api.errors import error_response, install_error_handlers
 from guardkit_server.serving.api.router import reader, router
 from guardkit_server.serving.runtime import ServerRuntime
+
+logger = logging.getLogger("guardkit.server")
 
 
 class _BodyGate(BaseHTTPMiddleware):
@@ -48,10 +51,19 @@ class _BodyGate(BaseHTTPMiddleware):
 class _RequestId(BaseHTTPMiddleware):
     """``x-request-id`` on every response; a guard call's id is its result's ``id``."""
 
+    def __init__(self, app, on_error: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(app)
+        self.on_error = on_error
+
     async def dispatch(self, request: Request, call_next):  # type: ignore[no-untyped-def]
         prefix = "guard" if request.url.path == "/v1/guard" else "req"
         request_id = request.state.request_id = f"{prefix}-{uuid.uuid4().hex}"
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug: still the error envelope, and the id to report it by
+            logger.exception("internal error on %s (%s)", request.url.path, request_id)
+            self.on_error("internal")
+            response = error_response(500, f"internal error: {type(exc).__name__}: {exc}")
         response.headers["x-request-id"] = request_id
         return response
 
@@ -75,7 +87,7 @@ def create_app(server: ServerRuntime) -> FastAPI:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="guardkit-server")
 
     app.add_middleware(_BodyGate, limit=server.config.max_request_bytes, on_error=server.metrics.observe_error)
-    app.add_middleware(_RequestId)  # outermost: every answer, errors included, carries the id
+    app.add_middleware(_RequestId, on_error=server.metrics.observe_error)  # outermost: every answer, errors included, carries the id
     install_error_handlers(app, server.metrics.observe_error)
     app.include_router(router)
     return app

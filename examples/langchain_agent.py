@@ -47,12 +47,13 @@ def show(state: dict) -> None:
 
 
 def main() -> None:
-    model = ChatOpenAI(model=MODEL, max_tokens=48)  # OPENAI_BASE_URL, OPENAI_API_KEY
+    model = ChatOpenAI(model=MODEL, max_completion_tokens=48)  # OPENAI_BASE_URL, OPENAI_API_KEY
     tools = [plant_for_sun] if os.environ.get("AGENT_TOOLS") == "1" else []
     guardkit, aguardkit = Guardkit(), AsyncGuardkit()  # GUARDKIT_BASE_URL, GUARDKIT_API_KEY
 
-    # 1. The middleware: before_model checks the conversation, after_model the answer (before
-    #    any of its tool calls run); a block ends the run with a refusal message.
+    # 1. The middleware wraps each model call: it checks what the model is sent (system prompt,
+    #    conversation, tool results), then the answer before any of its tool calls run (its
+    #    streamed tokens held back until they pass); a block ends the run with a refusal.
     agent = create_agent(model, tools=tools, middleware=[GuardkitMiddleware(client=guardkit, policies=POLICIES)])
     for name, question in QUESTIONS.items():
         print(f"\n[{name}] agent.invoke")
@@ -61,12 +62,12 @@ def main() -> None:
     # 2. The same agent, async, raising instead of ending.
     raising = create_agent(
         model, tools=tools,
-        middleware=[GuardkitMiddleware(client=aguardkit, policies=POLICIES, exit_behavior="raise")],
+        middleware=[GuardkitMiddleware(client=aguardkit, policies=POLICIES, exit_behavior="error")],
     )
 
     async def run_async() -> None:
         for name, question in QUESTIONS.items():
-            print(f"\n[{name}] await agent.ainvoke, exit_behavior='raise'")
+            print(f"\n[{name}] await agent.ainvoke, exit_behavior='error'")
             try:
                 show(await raising.ainvoke({"messages": [{"role": "user", "content": question}]}))
             except GuardBlocked as blocked:
@@ -75,8 +76,8 @@ def main() -> None:
     asyncio.run(run_async())
 
     # 3. A guarded chat model: a Runnable with the same invoke / stream; the stream is held
-    #    back chunk by chunk until each chunk passed.
-    guarded = guard(model, client=guardkit, policies=POLICIES, stream={"chunk_chars": 80, "overlap_chars": 20})
+    #    back until a check of the reply so far (every 80 new characters at least) passed.
+    guarded = guard(model, client=guardkit, policies=POLICIES, stream={"chunk_chars": 80})
     for name, question in QUESTIONS.items():
         print(f"\n[{name}] guard(chat_model).stream")
         print("  ", end="")

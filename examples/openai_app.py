@@ -48,19 +48,33 @@ def ask(llm, question: str, **options) -> None:
 
 
 def ask_streaming(llm, question: str) -> None:
-    """Streaming is guarded too: text is shown only after the chunk holding it passed."""
+    """Streaming is guarded too: every check judges the whole reply so far, and text is shown
+    only once a check covering it passed."""
     print("  stream: ", end="", flush=True)
     try:
         stream = llm.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=64, stream=True,
-            guard_options={"stream": {"chunk_chars": 80, "overlap_chars": 20}},
+            guard_options={"stream": {"chunk_chars": 80}},  # a check at least every 80 new characters
         )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)
-        print(f"\n  ({len(stream.guardkit.output)} chunk checks, all passed)")
+        print(f"\n  ({len(stream.guardkit.output)} checks of the reply so far, all passed)")
     except GuardBlocked as blocked:
         print(f"\n  stream {blocked.stage} BLOCKED by {', '.join(blocked.blocked_by)}")
+
+
+def ask_responses(llm, question: str) -> None:
+    """The Responses API is guarded the same way (its output items are the assistant's turn)."""
+    try:
+        stream = llm.responses.create(model=MODEL, input=question, max_output_tokens=48, stream=True)
+        print("  responses: ", end="", flush=True)
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                print(event.delta, end="", flush=True)
+        print()
+    except GuardBlocked as blocked:
+        print(f"\n  responses {blocked.stage} BLOCKED by {', '.join(blocked.blocked_by)}")
 
 
 async def ask_async(question: str) -> None:
@@ -88,6 +102,8 @@ def main() -> None:
         ask(llm, question)
         print(f"[{name}] streaming, hold-back")
         ask_streaming(llm, question)
+        print(f"[{name}] Responses API, streaming")
+        ask_responses(llm, question)
         print(f"[{name}] async, concurrent mode")
         asyncio.run(ask_async(question))
 

@@ -17,6 +17,7 @@ import argparse
 import collections
 import logging
 import os
+from typing import cast
 
 from guardkit import Guardkit, GuardResult, Verdict
 
@@ -51,8 +52,10 @@ def llm_reply(history: list[dict]) -> str:
     if not os.environ.get("OPENAI_BASE_URL"):
         return f"(canned reply to: {history[-1]['content'][:40]!r})"
     from openai import OpenAI
+    from openai.types.chat import ChatCompletionMessageParam
 
-    response = OpenAI().chat.completions.create(model=MODEL, messages=history, max_tokens=48)
+    messages = cast(list[ChatCompletionMessageParam], history)  # dicts of OpenAI's shape
+    response = OpenAI().chat.completions.create(model=MODEL, messages=messages, max_tokens=48)
     return response.choices[0].message.content or ""
 
 

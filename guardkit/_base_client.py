@@ -6,6 +6,8 @@ tenacity's Retrying / AsyncRetrying); everything else lives here once.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import platform
@@ -39,8 +41,8 @@ from ._exceptions import (
     status_error_class,
 )
 from ._messages import MessagesInput, to_messages
-from ._selection import PolicySelection, PolicySpec, select
-from ._turn import decide, is_unavailable, log_allowed_on_error, unavailable_result
+from ._selection import PolicyRef, PolicySelection, PolicySpec, select
+from ._turn import decide, empty_result, is_unavailable, log_allowed_on_error, unavailable_result
 from ._version import __version__
 from .types import ErrorResponse, GuardResult, OnError, Stage, Verdict
 
@@ -49,8 +51,12 @@ logger = logging.getLogger(LOGGER_NAME)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 HttpClientT = TypeVar("HttpClientT", httpx.Client, httpx.AsyncClient)
 
+# Hooks: plain functions, or (AsyncGuardkit only) coroutine functions. What a hook raises is
+# logged on the ``guardkit`` logger and never changes the check's result.
 OnBlock = Callable[[GuardResult], Union[None, Awaitable[None]]]
 OnVerdict = Callable[[Verdict, GuardResult], Union[None, Awaitable[None]]]
+SyncOnBlock = Callable[[GuardResult], None]
+SyncOnVerdict = Callable[[Verdict, GuardResult], None]
 
 
 class NotGiven:
@@ -100,7 +106,7 @@ class CheckPlan:
     """A turn-level check, ready to send, and what is needed to decide on its answer."""
 
     selection: PolicySelection
-    request: FinalRequest
+    request: FinalRequest | None  # None: no policy selected, nothing to send
     stage: Stage | None
     judged_messages: int
     raise_on_block: bool
@@ -244,19 +250,41 @@ class BaseClient(Generic[HttpClientT]):
         on_block: OnBlock | None | NotGiven,
         on_verdict: OnVerdict | None | NotGiven,
     ) -> CheckPlan:
-        selection = select(policies, monitor=monitor, on_error=on_error, default_on_error=self.on_error)
+        selection = self._select(policies, monitor, on_error)
         converted = to_messages(messages)
-        request = FinalRequest(
-            "POST", "/v1/guard", GuardResult, body=selection.request(converted, stage=stage),
-            deadline=self._deadline(timeout),
-            max_retries=self.max_retries if isinstance(max_retries, NotGiven) else max_retries,
-            server_deadline=True,
-        )
+        request = None
+        if selection.include_all or selection.refs:
+            request = FinalRequest(
+                "POST", "/v1/guard", GuardResult, body=selection.request(converted, stage=stage),
+                deadline=self._deadline(timeout),
+                max_retries=self.max_retries if isinstance(max_retries, NotGiven) else max_retries,
+                server_deadline=True,
+            )
         return CheckPlan(
             selection, request, stage, len(converted), raise_on_block,
             self.on_block if isinstance(on_block, NotGiven) else on_block,
             self.on_verdict if isinstance(on_verdict, NotGiven) else on_verdict,
         )
+
+    def _select(
+        self,
+        policies: PolicySpec,
+        monitor: Iterable[str],
+        on_error: OnError | Mapping[str, OnError] | None,
+    ) -> PolicySelection:
+        """``select()``, except that an empty list selects no policy (``monitor`` ones aside):
+        such a check sends nothing and is allowed with no verdicts."""
+        if policies is not None and not isinstance(policies, (str, PolicyRef, PolicySelection)):
+            policies = list(policies)
+            if not policies:
+                names = [monitor] if isinstance(monitor, str) else list(monitor)
+                none = PolicySelection(include_all=False, on_error=self.on_error)
+                return none.with_changes(monitor=names, on_error=on_error)
+        return select(policies, monitor=monitor, on_error=on_error, default_on_error=self.on_error)
+
+    @staticmethod
+    def _nothing_to_send(plan: CheckPlan) -> GuardResult:
+        return empty_result(plan.selection, stage=plan.stage, judged_messages=plan.judged_messages)
 
     @staticmethod
     def _decide(plan: CheckPlan, answer: GuardResult | APIError) -> GuardResult:
@@ -275,6 +303,87 @@ class BaseClient(Generic[HttpClientT]):
             result = decide(answer, plan.selection)
         log_allowed_on_error(result)
         return result
+
+
+# ------------------------------------------------------------------------ hooks
+def is_async_callable(fn: object) -> bool:
+    """A coroutine function (also behind functools.partial, or an object's async __call__)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - objects with an async __call__
+    return not inspect.isroutine(fn) and call is not None and inspect.iscoroutinefunction(call)
+
+
+def _hook_name(hook: object) -> str:
+    return getattr(hook, "__qualname__", None) or repr(hook)
+
+
+def check_hooks(owner: str, *, sync: bool, **hooks: object) -> None:
+    """Refuse what cannot be a hook: not callable, or (sync clients) a coroutine function,
+    which would never be awaited."""
+    for name, hook in hooks.items():
+        if hook is None or isinstance(hook, NotGiven):
+            continue
+        if not callable(hook):
+            raise TypeError(f"{name} must be a function, not {type(hook).__name__}")
+        if sync and is_async_callable(hook):
+            raise TypeError(
+                f"{name}={_hook_name(hook)} is a coroutine function, but {owner} calls its hooks "
+                f"synchronously and would never await it: pass a plain function, or make the "
+                f"calls async (AsyncGuardkit, AsyncOpenAI, ainvoke), where hooks are awaited"
+            )
+
+
+def _hook_failed(name: str, hook: object, result: GuardResult) -> None:
+    logger.exception(
+        "guardkit: the %s hook %s raised; ignored, the check's result stands (guard call %s)",
+        name, _hook_name(hook), result.id,
+    )
+
+
+def _call_hook(name: str, hook: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return hook(*args)
+    except Exception:
+        _hook_failed(name, hook, args[-1])
+        return None
+
+
+def run_hooks(plan: CheckPlan, result: GuardResult) -> None:
+    """The sync client's hooks: on_verdict per verdict, then on_block if blocked."""
+    calls: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
+    if plan.on_verdict is not None:
+        calls += [("on_verdict", plan.on_verdict, (v, result)) for v in result.verdicts]
+    if result.blocked and plan.on_block is not None:
+        calls.append(("on_block", plan.on_block, (result,)))
+    for name, hook, args in calls:
+        value = _call_hook(name, hook, *args)
+        if inspect.isawaitable(value):  # e.g. a lambda that returns a coroutine
+            close = getattr(value, "close", None)
+            if close is not None:
+                close()
+            logger.error(
+                "guardkit: the %s hook %s returned an awaitable, which the sync client does not "
+                "await; it did not run (guard call %s)", name, _hook_name(hook), result.id,
+            )
+
+
+async def arun_hooks(plan: CheckPlan, result: GuardResult) -> None:
+    """The async client's hooks; coroutines (or other awaitables) they return are awaited."""
+    calls: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
+    if plan.on_verdict is not None:
+        calls += [("on_verdict", plan.on_verdict, (v, result)) for v in result.verdicts]
+    if result.blocked and plan.on_block is not None:
+        calls.append(("on_block", plan.on_block, (result,)))
+    for name, hook, args in calls:
+        value = _call_hook(name, hook, *args)
+        if inspect.isawaitable(value):
+            try:
+                await value
+            except Exception:
+                _hook_failed(name, hook, result)
 
 
 class _StopAtDeadline(stop_base):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -19,7 +18,12 @@ from ._base_client import (
     NotGiven,
     OnBlock,
     OnVerdict,
+    SyncOnBlock,
+    SyncOnVerdict,
     Timeout,
+    arun_hooks,
+    check_hooks,
+    run_hooks,
 )
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._exceptions import APIError, blocked_error
@@ -62,6 +66,9 @@ class Guardkit(BaseClient[httpx.Client]):
     ``$GUARDKIT_API_KEY``. ``timeout`` is the deadline of a whole call, retries included
     (None: no deadline); connection errors, 429 and 5xx are retried ``max_retries`` times.
     ``on_error`` is the default for turn-level checks: "block" (fail closed) or "allow".
+    ``on_block(result)`` / ``on_verdict(verdict, result)`` are called after every check (plain
+    functions: a coroutine function is refused here, use ``AsyncGuardkit`` for those); what
+    they raise is logged on the ``guardkit`` logger and never breaks the check.
     """
 
     def __init__(
@@ -74,9 +81,10 @@ class Guardkit(BaseClient[httpx.Client]):
         default_headers: Mapping[str, str] | None = None,
         http_client: httpx.Client | None = None,
         on_error: OnError = "block",
-        on_block: OnBlock | None = None,
-        on_verdict: OnVerdict | None = None,
+        on_block: SyncOnBlock | None = None,
+        on_verdict: SyncOnVerdict | None = None,
     ) -> None:
+        check_hooks("Guardkit", sync=True, on_block=on_block, on_verdict=on_verdict)
         super().__init__(
             base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
             default_headers=default_headers, on_error=on_error, on_block=on_block,
@@ -89,7 +97,7 @@ class Guardkit(BaseClient[httpx.Client]):
 
     def with_options(self, **changes: Any) -> Guardkit:
         """A copy with other settings (``timeout``, ``max_retries``, ``on_error``, hooks ...),
-        sharing this client's connection pool."""
+        sharing this client's connection pool. Checked like the constructor's arguments."""
         clone = Guardkit(**{**self._copy_settings(), **changes}, http_client=self._http)
         clone._owns_http = False
         return clone
@@ -109,27 +117,30 @@ class Guardkit(BaseClient[httpx.Client]):
         timeout: Timeout | NotGiven = NOT_GIVEN,
         max_retries: int | NotGiven = NOT_GIVEN,
         raise_on_block: bool = False,
-        on_block: OnBlock | None | NotGiven = NOT_GIVEN,
-        on_verdict: OnVerdict | None | NotGiven = NOT_GIVEN,
+        on_block: SyncOnBlock | None | NotGiven = NOT_GIVEN,
+        on_verdict: SyncOnVerdict | None | NotGiven = NOT_GIVEN,
     ) -> GuardResult:
         """Judge one turn. Returns the result (``.blocked``, ``.verdicts``); with
-        ``raise_on_block`` a block raises ``GuardBlocked``. No verdict at all (server down,
-        deadline, 5xx after retries) follows ``on_error``; 4xx errors raise."""
+        ``raise_on_block`` a block raises ``InputBlocked`` / ``OutputBlocked`` (a fail-closed
+        one ``InputUnavailable`` / ``OutputUnavailable``, chaining the error). No verdict at
+        all (server down, deadline, 5xx after retries) follows ``on_error``; 4xx errors raise.
+        ``policies=[]`` selects no policy: nothing is sent, the turn is allowed."""
+        check_hooks("Guardkit", sync=True, on_block=on_block, on_verdict=on_verdict)
         plan = self._plan_check(
             messages, policies=policies, monitor=monitor, on_error=on_error, stage=stage,
             timeout=timeout, max_retries=max_retries, raise_on_block=raise_on_block,
             on_block=on_block, on_verdict=on_verdict,
         )
-        try:
-            answer: GuardResult | APIError = self._request(plan.request)  # type: ignore[assignment]
-        except APIError as exc:
-            answer = exc
+        answer: GuardResult | APIError
+        if plan.request is None:
+            answer = self._nothing_to_send(plan)
+        else:
+            try:
+                answer = self._request(plan.request)
+            except APIError as exc:
+                answer = exc
         result = self._decide(plan, answer)
-        if plan.on_verdict is not None:
-            for verdict in result.verdicts:
-                plan.on_verdict(verdict, result)
-        if result.blocked and plan.on_block is not None:
-            plan.on_block(result)
+        run_hooks(plan, result)
         return _raise_if_blocked(plan, result, answer)
 
     def health(self) -> bool:
@@ -142,7 +153,7 @@ class Guardkit(BaseClient[httpx.Client]):
 
     def ready(self) -> dict[str, Any]:
         """The server's readiness (model, policies); raises ServiceUnavailableError while starting."""
-        return self._request(FinalRequest("GET", "/ready", None, deadline=self._deadline(NOT_GIVEN), max_retries=0))  # type: ignore[return-value]
+        return self._request(FinalRequest("GET", "/ready", None, deadline=self._deadline(NOT_GIVEN), max_retries=0))  # type: ignore[no-any-return]
 
     def _request(self, req: FinalRequest) -> Any:
         for attempt in Retrying(**self._retry_kwargs(req)):
@@ -230,6 +241,7 @@ class AsyncGuardkit(BaseClient[httpx.AsyncClient]):
         on_block: OnBlock | None = None,
         on_verdict: OnVerdict | None = None,
     ) -> None:
+        check_hooks("AsyncGuardkit", sync=False, on_block=on_block, on_verdict=on_verdict)
         super().__init__(
             base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries,
             default_headers=default_headers, on_error=on_error, on_block=on_block,
@@ -246,8 +258,15 @@ class AsyncGuardkit(BaseClient[httpx.AsyncClient]):
         return clone
 
     def to_sync(self) -> Guardkit:
-        """A sync client with the same settings (and its own connection pool)."""
-        return Guardkit(**self._copy_settings())
+        """A sync client with the same settings (and its own connection pool); coroutine
+        hooks cannot come along (TypeError)."""
+        try:
+            return Guardkit(**self._copy_settings())
+        except TypeError as exc:
+            raise TypeError(
+                f"{exc} (this sync client is made from an AsyncGuardkit, e.g. for a sync call such "
+                f"as invoke() on a guarded LangChain model)"
+            ) from None
 
     async def check(
         self,
@@ -263,22 +282,23 @@ class AsyncGuardkit(BaseClient[httpx.AsyncClient]):
         on_block: OnBlock | None | NotGiven = NOT_GIVEN,
         on_verdict: OnVerdict | None | NotGiven = NOT_GIVEN,
     ) -> GuardResult:
-        """See ``Guardkit.check``."""
+        """See ``Guardkit.check``; hooks may be coroutine functions (awaited in turn)."""
+        check_hooks("AsyncGuardkit", sync=False, on_block=on_block, on_verdict=on_verdict)
         plan = self._plan_check(
             messages, policies=policies, monitor=monitor, on_error=on_error, stage=stage,
             timeout=timeout, max_retries=max_retries, raise_on_block=raise_on_block,
             on_block=on_block, on_verdict=on_verdict,
         )
-        try:
-            answer: GuardResult | APIError = await self._request(plan.request)
-        except APIError as exc:
-            answer = exc
+        answer: GuardResult | APIError
+        if plan.request is None:
+            answer = self._nothing_to_send(plan)
+        else:
+            try:
+                answer = await self._request(plan.request)
+            except APIError as exc:
+                answer = exc
         result = self._decide(plan, answer)
-        if plan.on_verdict is not None:
-            for verdict in result.verdicts:
-                await _maybe_await(plan.on_verdict(verdict, result))
-        if result.blocked and plan.on_block is not None:
-            await _maybe_await(plan.on_block(result))
+        await arun_hooks(plan, result)
         return _raise_if_blocked(plan, result, answer)
 
     async def health(self) -> bool:
@@ -358,10 +378,6 @@ class AsyncPolicies:
 # ====================================================================== shared
 def _raise_if_blocked(plan: CheckPlan, result: GuardResult, answer: GuardResult | APIError) -> GuardResult:
     if result.blocked and plan.raise_on_block:
-        raise blocked_error(result, plan.stage) from (answer if isinstance(answer, APIError) else None)
+        cause = answer if isinstance(answer, APIError) else None
+        raise blocked_error(result, plan.stage, cause=cause) from cause
     return result
-
-
-async def _maybe_await(value: Any) -> None:
-    if inspect.isawaitable(value):
-        await value

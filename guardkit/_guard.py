@@ -1,26 +1,111 @@
 """``guard()``: wrap an LLM client so that every call is checked. Dispatch by type; the
 integrations are imported only when used, so the base install needs neither openai nor
-langchain."""
+langchain.
+
+The guarded objects are proxies (``guardkit.integrations.openai.GuardedOpenAI``,
+``guardkit.integrations.langchain.GuardedRunnable``), not instances of the wrapped classes. To
+a type checker ``guard()`` returns the wrapped type, so a guarded client is checked exactly like
+the original (``guard(OpenAI()).chat.completions.creat(...)`` is an error): for OpenAI a
+subclass that adds ``guardkit``, ``guard_config``, ``unguarded`` and ``with_guard_options``; for
+LangChain the model's (or Runnable's) own type.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from ._base_client import NOT_GIVEN, NotGiven, OnBlock, OnVerdict, Timeout
+from ._base_client import NOT_GIVEN, NotGiven, OnBlock, OnVerdict, Timeout, check_hooks
 from ._client import AsyncGuardkit, Guardkit
 from ._config import BlockedMessage, GuardConfig, GuardMode, StreamOptions
 from ._selection import PolicySpec
 from .types import OnError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from typing import TypedDict
+
+    from langchain_core.runnables import Runnable
+    from openai import AsyncOpenAI, OpenAI
+    from typing_extensions import Unpack
+
+    class GuardOptions(TypedDict, total=False):
+        """The ``GuardConfig`` fields, as keyword arguments of ``guard()``."""
+
+        policies: PolicySpec
+        monitor: Sequence[str]
+        on_error: OnError | Mapping[str, OnError] | None
+        input_policies: PolicySpec
+        output_policies: PolicySpec
+        check_input: bool
+        check_output: bool
+        mode: GuardMode
+        stream: StreamOptions | Mapping[str, Any]
+        suppress: bool
+        blocked_message: BlockedMessage
+        timeout: Timeout
+        on_block: OnBlock | None
+        on_verdict: OnVerdict | None
+
+    class GuardedOpenAI(OpenAI):
+        """What ``guard(OpenAI())`` is to a type checker (at run time:
+        ``guardkit.integrations.openai.GuardedOpenAI``)."""
+
+        guardkit: Guardkit
+        guard_config: GuardConfig
+
+        @property
+        def unguarded(self) -> OpenAI:
+            """The wrapped client: calls through it are not checked."""
+            raise NotImplementedError
+
+        def with_guard_options(self, **changes: Unpack[GuardOptions]) -> GuardedOpenAI:
+            raise NotImplementedError
+
+    class AsyncGuardedOpenAI(AsyncOpenAI):
+        """What ``guard(AsyncOpenAI())`` is to a type checker."""
+
+        guardkit: AsyncGuardkit
+        guard_config: GuardConfig
+
+        @property
+        def unguarded(self) -> AsyncOpenAI:
+            raise NotImplementedError
+
+        def with_guard_options(self, **changes: Unpack[GuardOptions]) -> AsyncGuardedOpenAI:
+            raise NotImplementedError
+
+    RunnableT = TypeVar("RunnableT", bound=Runnable[Any, Any])
 
 __all__ = ["guard"]
 
 
+@overload
 def guard(
-    target: T,
+    target: OpenAI,
+    *,
+    client: Guardkit | AsyncGuardkit | None = None,
+    config: GuardConfig | None = None,
+    **options: Unpack[GuardOptions],
+) -> GuardedOpenAI: ...
+@overload
+def guard(
+    target: AsyncOpenAI,
+    *,
+    client: Guardkit | AsyncGuardkit | None = None,
+    config: GuardConfig | None = None,
+    **options: Unpack[GuardOptions],
+) -> AsyncGuardedOpenAI: ...
+@overload
+def guard(
+    target: RunnableT,
+    *,
+    client: Guardkit | AsyncGuardkit | None = None,
+    config: GuardConfig | None = None,
+    **options: Unpack[GuardOptions],
+) -> RunnableT: ...
+def guard(
+    target: object,
     *,
     client: Guardkit | AsyncGuardkit | None = None,
     config: GuardConfig | None = None,
@@ -38,7 +123,7 @@ def guard(
     timeout: Timeout | NotGiven = NOT_GIVEN,
     on_block: OnBlock | None | NotGiven = NOT_GIVEN,
     on_verdict: OnVerdict | None | NotGiven = NOT_GIVEN,
-) -> Any:
+) -> object:
     """Guard an LLM client: the input turn is checked before (or alongside) each call, the
     output after it (in chunks when streaming).
 
@@ -48,7 +133,10 @@ def guard(
       ``invoke`` / ``ainvoke`` / ``stream`` / ``astream`` (and ``batch``).
 
     ``client`` is the guardkit client (default: ``Guardkit()`` from the environment); the other
-    arguments are ``GuardConfig`` fields (see there), applied over ``config``.
+    arguments are ``GuardConfig`` fields (see there), applied over ``config``. An empty
+    ``input_policies`` / ``output_policies`` list checks no policy at that stage.
+    Blocks raise ``InputBlocked`` / ``OutputBlocked``; blocks only for want of a verdict
+    (on_error="block") raise their subclasses ``InputUnavailable`` / ``OutputUnavailable``.
     """
     given = {
         name: value
@@ -64,11 +152,15 @@ def guard(
     if _is_instance(target, "openai", ("OpenAI", "AsyncOpenAI")):
         from guardkit.integrations.openai import guard_openai
 
-        return guard_openai(target, client, settings)
+        if _is_instance(target, "openai", ("OpenAI",)):  # only ever called synchronously
+            check_hooks(
+                "guard(OpenAI())", sync=True, on_block=settings.on_block, on_verdict=settings.on_verdict
+            )
+        return guard_openai(target, client, settings)  # type: ignore[arg-type]
     if _is_instance(target, "langchain_core.runnables", ("Runnable",)):
         from guardkit.integrations.langchain import GuardedRunnable
 
-        return GuardedRunnable(target, client=client, config=settings)
+        return GuardedRunnable(target, client=client, config=settings)  # type: ignore[arg-type]
     raise TypeError(
         f"guard() wraps an openai.OpenAI / AsyncOpenAI client or a LangChain Runnable, "
         f"not {type(target).__module__}.{type(target).__qualname__}"

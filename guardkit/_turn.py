@@ -2,7 +2,9 @@
 
 - selection + messages -> the guard request (with what is left of the deadline);
 - the server's result -> the decision under per-policy on_error;
-- no verdict at all (server down, deadline, 5xx after retries) -> fail closed or open;
+- no verdict at all (server down, deadline, 5xx after retries) -> fail closed or open (the
+  result carries the error, so the ``GuardUnavailable`` raised for it chains it);
+- no policy selected (an empty list) -> allowed, no verdicts, no guard call;
 - every turn allowed despite an error is logged at WARNING on the ``guardkit`` logger.
 """
 
@@ -18,6 +20,7 @@ from ._exceptions import (
     APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
+    attach_cause,
 )
 from ._selection import ALL_POLICIES, PolicySelection
 from .types import GuardResult, Stage, Verdict, VerdictError
@@ -64,12 +67,28 @@ def unavailable_result(
             Verdict(policy=name, outcome="error", enforced=ref.enforced if ref else True, error=error)
         )
     blocked = any(v.enforced and selection.on_error_for(v.policy) == "block" for v in verdicts)
-    return GuardResult(
+    result = GuardResult(
         id=f"guard-local-{uuid.uuid4().hex}",
         blocked=blocked,
         errored=[v.policy for v in verdicts],
         on_error=selection.uniform_on_error or "block",
         verdicts=verdicts,
+        stage=stage,
+        judged_messages=judged_messages,
+    )
+    return attach_cause(result, exc)
+
+
+def empty_result(
+    selection: PolicySelection, *, stage: Stage | None, judged_messages: int
+) -> GuardResult:
+    """The result of a check that selects no policy at all (``policies=[]``): allowed, no
+    verdicts; nothing is sent to the server."""
+    return GuardResult(
+        id=f"guard-local-{uuid.uuid4().hex}",
+        blocked=False,
+        on_error=selection.on_error,
+        verdicts=[],
         stage=stage,
         judged_messages=judged_messages,
     )

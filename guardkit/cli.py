@@ -1,4 +1,5 @@
-"""The ``guardkit`` command of the light client: ``guardkit check``.
+"""The ``guardkit`` command of the light client: ``guardkit check`` (judge a conversation) and
+``guardkit policies list | add | remove | rescan`` (the server's policies, admin API).
 
 Training, evaluation and benchmarks run beside the engine, so they are ``guardkit-server``
 subcommands; the client never imports the server.
@@ -10,6 +11,7 @@ import argparse
 import sys
 
 from ._check_cli import configure_check, run_check
+from ._policies_cli import configure_policies, run_policies
 
 # Commands that moved to guardkit-server with the server-side work they do.
 _SERVER_COMMANDS = ("train", "eval", "bench")
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     check = sub.add_parser("check", help="judge a conversation against a running guardkit-server")
     configure_check(check)
+    policies = sub.add_parser("policies", help="list, add, remove or rescan the server's policies")
+    configure_policies(policies)
     return parser
 
 
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
               "(pip install 'guardkit[cpu,train]')", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    if args.command == "policies":
+        return run_policies(args)
     return int(run_check(args) or 0)
 
 

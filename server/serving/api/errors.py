@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from guardkit.types import ErrorDetail, ErrorResponse
 from guardkit_server.policies.manifest import DuplicatePolicyError, PolicyError
@@ -46,10 +47,13 @@ _KINDS = {
 class RouteError(Exception):
     """A route refuses the request with this status (the server-side error envelope)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
+        self.kind = kind  # guardkit_errors_total{kind}; default: by status
 
 
 def error_response(
@@ -73,6 +77,18 @@ def error_response(
 def _location(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or "body"
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's own 405 names only the first
+    route whose path matches (``/v1/policies`` said ``GET``, not ``GET, POST``, and
+    ``/v1/policies/rescan`` said ``DELETE``, from ``/v1/policies/{name}``)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        served = getattr(route, "methods", None)
+        if served and route.matches(request.scope)[0] != Match.NONE:
+            methods.update(served)
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI, on_error) -> None:  # type: ignore[no-untyped-def]
@@ -112,14 +128,17 @@ def install_error_handlers(app: FastAPI, on_error) -> None:  # type: ignore[no-u
 
     @app.exception_handler(RouteError)
     async def _api(request: Request, exc: RouteError) -> JSONResponse:
-        on_error(_KINDS.get(exc.status, f"http_{exc.status}"))
+        on_error(exc.kind or _KINDS.get(exc.status, f"http_{exc.status}"))
         return error_response(exc.status, str(exc), exc.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # 404 for an unknown path, 405 (its Allow header kept) ...
+        # 404 for an unknown path, 405 (with every method the path serves in Allow) ...
         on_error(_KINDS.get(exc.status_code, f"http_{exc.status_code}"))
-        return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

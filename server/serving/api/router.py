@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -25,12 +27,25 @@ from guardkit_server.serving.fanout import Tenant
 if TYPE_CHECKING:
     from guardkit_server.serving.runtime import ServerRuntime
 
-router = APIRouter()
+# Headers that come with an error status (documented, so clients and the fuzz test see them).
+_ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "Always `Bearer`.", "schema": {"type": "string"}}},
+    429: {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.", "schema": {"type": "integer"}
+        }
+    },
+}
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can answer (one envelope for all)."""
-    return {status: {"model": ErrorResponse} for status in statuses}
+    entries: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entries[status] = {"model": ErrorResponse}
+        if status in _ERROR_HEADERS:
+            entries[status]["headers"] = _ERROR_HEADERS[status]
+    return entries
 
 
 def _server(request: Request) -> ServerRuntime:
@@ -94,6 +109,47 @@ def ready(request: Request) -> None:
         raise RouteError(503, "the server is starting: model or policies not loaded yet")
 
 
+async def _utf8_body(request: Request) -> None:
+    body = await request.body()
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RouteError(
+            400, f"the request body is not valid UTF-8 (byte {exc.start}); send JSON in UTF-8",
+            kind="invalid_utf8",
+        ) from None
+
+
+_ACCESS: tuple[Callable[[Request], object], ...] = (ready, tenant, admin, reader)
+
+
+class _AccessFirst(APIRoute):
+    """The route's key and readiness checks, in their declared order, before its body is read.
+
+    FastAPI parses a JSON body before it runs any dependency, so a malformed body got 400 even
+    from a caller without a key, and a tenant's refused admin call answered 400 instead of 403.
+    Then the body must be UTF-8 (400, with the byte), then FastAPI parses and validates it.
+    The checks run again as dependencies; they are cheap and have no side effects.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        checks = [d.call for d in self.dependant.dependencies if d.call in _ACCESS]
+        has_body = self.body_field is not None
+
+        async def checked_first(request: Request) -> Response:
+            for check in checks:
+                check(request)
+            if has_body:
+                await _utf8_body(request)
+            return await handler(request)
+
+        return checked_first
+
+
+router = APIRouter(route_class=_AccessFirst)
+
+
 class ReadyState(BaseModel):
     status: str
     model: str | None = None
@@ -121,16 +177,19 @@ async def post_guard(
 
 
 @router.get(
-    "/v1/policies", response_model=PolicyList, dependencies=[Depends(reader)],
-    responses=_errors(401),
+    "/v1/policies", response_model=PolicyList, dependencies=[Depends(reader), Depends(ready)],
+    responses=_errors(401, 503),
 )
 async def list_policies(request: Request) -> PolicyList:
-    return PolicyList(policies=[policy_info(p) for p in _server(request).registry.snapshot().values()])
+    registry = _server(request).registry
+    if registry is None:
+        raise RouteError(503, "the server is starting: policies not loaded yet")
+    return PolicyList(policies=[policy_info(p) for p in registry.snapshot().values()])
 
 
 @router.post(
     "/v1/policies", response_model=PolicyInfo, status_code=201,
-    responses=_errors(400, 401, 403, 409, 422, 503),
+    responses=_errors(400, 401, 403, 409, 413, 422, 503),
     dependencies=[Depends(admin), Depends(ready)],
 )
 async def load_policy(body: PolicyLoadRequest, request: Request) -> PolicyInfo:
@@ -139,8 +198,10 @@ async def load_policy(body: PolicyLoadRequest, request: Request) -> PolicyInfo:
 
 
 @router.delete(
-    "/v1/policies/{name}", response_model=PolicyInfo, dependencies=[Depends(admin)],
-    responses=_errors(401, 403, 404),
+    "/v1/policies/{name}", response_model=PolicyInfo,
+    dependencies=[Depends(admin), Depends(ready)],
+    # 422 only replaces FastAPI's default entry (another body shape); a str name cannot fail
+    responses=_errors(401, 403, 404, 422, 503),
 )
 async def remove_policy(name: str, request: Request) -> PolicyInfo:
     try:
@@ -151,7 +212,7 @@ async def remove_policy(name: str, request: Request) -> PolicyInfo:
 
 @router.post(
     "/v1/policies/rescan", dependencies=[Depends(admin), Depends(ready)],
-    responses=_errors(401, 403, 503),
+    responses=_errors(401, 403, 413, 503),
 )
 async def rescan(request: Request) -> dict[str, list[str]]:
     """Re-read the policy directories: add new folders, replace changed ones, drop removed ones."""
@@ -163,7 +224,7 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"model": ReadyState}})
+@router.get("/ready", responses={200: {"model": ReadyState}, 503: {"model": ReadyState}})
 async def readiness(request: Request) -> JSONResponse:
     """200 when calls can be served, else 503; model and policies only for a known key."""
     server = _server(request)
@@ -175,7 +236,14 @@ async def readiness(request: Request) -> JSONResponse:
 
 
 @router.get(
-    "/metrics", dependencies=[Depends(reader)], response_class=Response, responses=_errors(401)
+    "/metrics", dependencies=[Depends(reader)], response_class=Response,
+    responses={
+        200: {
+            "description": "The Prometheus text exposition format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **_errors(401),
+    },
 )
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

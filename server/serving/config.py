@@ -10,6 +10,7 @@ these fields, so a new setting is declared once, here or in ``EngineConfig``.
 from __future__ import annotations
 
 import argparse
+import os
 import types
 import typing
 from collections.abc import Iterator
@@ -69,6 +70,38 @@ class ServerSettings(BaseSettings):
         description="policy evaluations waiting for room; beyond them calls get 429 at once "
         "(default: as many as run at once)",
     )
+    # ---- OpenAI-compatible proxy (serving/proxy.py): served only when `upstream` is set
+    upstream: str | None = Field(
+        None, pattern=r"^https?://",
+        description="OpenAI-compatible base URL (e.g. http://llm:8000/v1): also serve "
+        "POST /v1/chat/completions (guarded) and GET /v1/models, forwarded to it",
+    )
+    upstream_key_env: str | None = Field(
+        None, description="environment variable holding the upstream's API key (sent as Bearer)"
+    )
+    upstream_timeout_s: float = Field(
+        600.0, gt=0, description="upstream read timeout: longest wait for its next bytes (s)"
+    )
+    upstream_connect_timeout_s: float = Field(10.0, gt=0, description="upstream connect timeout (s)")
+    proxy_block_style: str = Field(
+        "error", pattern=r"^(error|refusal)$",
+        description="a blocked call: 'error' (400 content_policy_violation) or 'refusal' "
+        "(200, finish_reason content_filter)",
+    )
+    proxy_refusal_message: str = Field(
+        "This conversation was blocked by guardkit ({policies}).",
+        description="refusal text of a blocked call ({policies} and {stage} are filled in)",
+    )
+    proxy_check_chars: int = Field(
+        64, gt=0, description="streamed replies: new characters that start a check of the reply so far"
+    )
+
+    @field_validator("upstream_key_env")
+    @classmethod
+    def _upstream_key_set(cls, value: str | None) -> str | None:
+        if value is not None and not os.environ.get(value):
+            raise ValueError(f"the environment variable {value} (the upstream's API key) is not set")
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

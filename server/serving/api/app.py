@@ -19,7 +19,11 @@ logger = logging.getLogger("guardkit.server")
 
 
 class _BodyGate(BaseHTTPMiddleware):
-    """Refuse oversized and non-UTF-8 bodies with a clear message before any parsing."""
+    """Refuse oversized bodies before anything reads them (413, on every path).
+
+    Whether a body is UTF-8 is checked later, by the route, after the caller's key
+    (``router._AccessFirst``): a caller without the right key learns nothing about its body.
+    """
 
     def __init__(self, app, limit: int, on_error: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
         super().__init__(app)
@@ -34,13 +38,6 @@ class _BodyGate(BaseHTTPMiddleware):
             body = await request.body()
             if len(body) > self.limit:
                 return self._refuse(413, f"request body over {self.limit} bytes", "request_too_large")
-            try:
-                body.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                return self._refuse(
-                    400, f"the request body is not valid UTF-8 (byte {exc.start}); send JSON in UTF-8",
-                    "invalid_utf8",
-                )
         return await call_next(request)
 
     def _refuse(self, status: int, message: str, kind: str):  # type: ignore[no-untyped-def]
@@ -90,4 +87,8 @@ def create_app(server: ServerRuntime) -> FastAPI:
     app.add_middleware(_RequestId, on_error=server.metrics.observe_error)  # outermost: every answer, errors included, carries the id
     install_error_handlers(app, server.metrics.observe_error)
     app.include_router(router)
+    if server.config.upstream:  # the OpenAI-compatible proxy (serving/proxy.py)
+        from guardkit_server.serving import proxy
+
+        proxy.install(app, server)
     return app

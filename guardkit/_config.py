@@ -21,24 +21,42 @@ __all__ = ["GuardMode", "StreamOptions", "GuardConfig"]
 class StreamOptions:
     """How a streamed answer is judged while it streams.
 
-    Every ``chunk_chars`` of new text is judged together with the last ``overlap_chars`` before
-    it (so a phrase cut at a chunk border is still seen whole); the rest is judged when the
-    stream ends. ``hold_back=True``: nothing reaches the caller before the chunk containing it
-    passed. ``hold_back=False`` (stream first): text is shown at once and judged alongside; a
-    block ends the stream with ``OutputBlocked`` (text already shown stays shown), and the
-    stream never ends normally before all of its text passed.
+    Every check judges the whole reply so far as the assistant's turn after the conversation,
+    never a piece of it alone: whatever the chunk size, the streamed reply gets the decision the
+    whole reply gets unstreamed (the last check is that very check), and a prefix that already
+    blocks ends the stream early. The checks of one reply form one growing prefix, so the server
+    reads the part it judged before from its prefix cache: a check computes the tokens new since
+    the last one and the policies' own prompts, not the reply again.
+
+    ``chunk_chars``: the least new text between two checks of a choice. At most one check per
+    choice is in flight; when the LLM is faster than the guard, the next check covers all the
+    text that arrived meanwhile (checks coalesce, they never queue up). When the stream ends a
+    last check covers the full reply, unless the last one already did.
+
+    ``hold_back=True``: an upstream chunk reaches the caller only after a passed check covered
+    all of its text, so nothing is ever shown that no check passed (a reply that turns harmful
+    late may have shown its harmless beginning: no check could know sooner).
+    ``hold_back=False`` (stream first): text is shown at once and judged alongside; a block ends
+    the stream with ``OutputBlocked`` (text already shown stays shown), and the stream never
+    ends normally before all of its text passed.
     """
 
-    # With hold-back the first chunk sets the time to first token: keep chunks small; each
-    # check re-reads the conversation from the server's prefix cache, so they are cheap.
+    # With hold-back the first check sets the time to first token (chunk_chars of text, then
+    # one check): keep chunks small; later checks cost their new tokens (plus the policies'
+    # prompts), not the reply again. See docs/benchmarks/streaming.md.
     chunk_chars: int = 200
-    overlap_chars: int = 50
     hold_back: bool = True
-    max_pending: int = 4  # chunk checks in flight before reading the LLM waits
 
     def __post_init__(self) -> None:
-        if self.chunk_chars < 1 or self.overlap_chars < 0 or self.max_pending < 1:
-            raise ValueError("chunk_chars >= 1, overlap_chars >= 0 and max_pending >= 1")
+        if not isinstance(self.chunk_chars, int) or self.chunk_chars < 1:
+            raise ValueError(f"chunk_chars must be an int >= 1, not {self.chunk_chars!r}")
+
+
+# Options of earlier versions, and why they are gone.
+_REMOVED_STREAM_OPTIONS = {
+    "overlap_chars": "every check now judges the whole reply so far, so there is nothing to overlap",
+    "max_pending": "at most one check per choice is in flight now; later text is judged by the next one",
+}
 
 
 @dataclass(frozen=True)
@@ -81,7 +99,7 @@ class GuardConfig:
         if unknown:
             raise TypeError(f"unknown guard options: {', '.join(sorted(unknown))}")
         if isinstance(changes.get("stream"), Mapping):
-            changes["stream"] = dataclasses.replace(self.stream, **changes["stream"])
+            changes["stream"] = dataclasses.replace(self.stream, **stream_changes(changes["stream"]))
         return dataclasses.replace(self, **changes)
 
     def policies_for(self, stage: Stage) -> PolicySpec:
@@ -103,3 +121,14 @@ class GuardConfig:
             return str(self.blocked_message(result))
         names = ", ".join(result.blocked_by) or "no verdict: " + ", ".join(result.errored)
         return str(self.blocked_message).format(policies=names, stage=result.stage or "")
+
+
+def stream_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``StreamOptions`` fields from a mapping; unknown (or removed) ones raise ``TypeError``."""
+    fields = {f.name for f in dataclasses.fields(StreamOptions)}
+    for name in changes:
+        if name in _REMOVED_STREAM_OPTIONS:
+            raise TypeError(f"stream option {name!r} was removed: {_REMOVED_STREAM_OPTIONS[name]}")
+        if name not in fields:
+            raise TypeError(f"unknown stream option {name!r} (known: {', '.join(sorted(fields))})")
+    return dict(changes)

@@ -1,6 +1,7 @@
-"""LangChain values as the conversation guardkit judges: shared by ``guard(runnable)``
-(``langchain``) and the agent middleware (``langchain_middleware``), which import this module
-and never each other."""
+"""LangChain values as the conversation guardkit judges: shared by the guarded runnables
+(``_langchain_guarded``, behind ``guard(runnable)``) and the agent middleware
+(``langchain_middleware``), which import this module and never each other (``langchain`` only
+re-exports them)."""
 
 from __future__ import annotations
 

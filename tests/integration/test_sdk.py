@@ -357,3 +357,115 @@ def test_check_cli(guard_server, policy, code, capsys, tmp_path):
     assert main(["check", *args, "--file", str(conversation), "--json"]) == code
     result = GuardResult.model_validate_json(capsys.readouterr().out)
     assert result.judged_messages == 2 and result.stage == "output"
+
+
+# ------------------------------------- fail closed raises GuardUnavailable, a block does not
+async def test_fail_closed_raises_unavailable_and_a_policy_block_does_not(flavor, gk):
+    client = gk(flavor)
+    with pytest.raises(InputBlocked) as info:
+        await call(client.check, turn(), policies=["always"], stage="input", raise_on_block=True)
+    assert not isinstance(info.value, guardkit.GuardUnavailable) and info.value.__cause__ is None
+    with pytest.raises(guardkit.InputUnavailable) as info:  # still an InputBlocked
+        await call(client.check, turn(), policies=["never"], stage="input", timeout=0.001, raise_on_block=True)
+    assert isinstance(info.value.__cause__, guardkit.APITimeoutError) and info.value.errored == ["never"]
+    down = gk(flavor, base_url=closed_port_url(), max_retries=0)
+    with pytest.raises(guardkit.OutputUnavailable) as info:
+        await call(down.check, turn(), stage="output", raise_on_block=True)
+    assert isinstance(info.value, OutputBlocked) and isinstance(info.value.__cause__, APIConnectionError)
+    for c in (client, down):
+        await close(c)
+
+
+async def test_hook_errors_never_break_a_check(flavor, gk, caplog):
+    def on_verdict(verdict, result):
+        raise RuntimeError("hook bug")
+
+    client = gk(flavor, on_verdict=on_verdict, on_block=lambda result: 1 / 0)
+    caplog.set_level(logging.ERROR, "guardkit")
+    result = await call(client.check, turn(), policies=["always", "never"])
+    assert result.blocked_by == ["always"]
+    hooks = [r for r in caplog.records if r.name == "guardkit" and "hook" in r.getMessage()]
+    assert len(hooks) == 3 and result.id in hooks[0].getMessage()
+    await close(client)
+
+
+async def test_an_empty_policy_list_judges_only_the_monitored(flavor, gk):
+    client = gk(flavor)
+    nothing = await call(client.check, turn(), policies=[], stage="input")
+    assert not nothing.blocked and nothing.verdicts == [] and nothing.id.startswith("guard-local-")
+    monitored = await call(client.check, turn(), policies=[], monitor=["always"])
+    assert not monitored.blocked and monitored.would_block == ["always"]
+    await close(client)
+
+
+# --------------------------------------------------------------- guardkit policies (CLI)
+def _policy_copy(source, target, name: str):
+    import shutil
+
+    shutil.copytree(source, target)
+    manifest = target / "guardkit-policy.json"
+    data = json.loads(manifest.read_text())
+    data["name"] = name
+    manifest.write_text(json.dumps(data))
+    return target
+
+
+def test_policies_cli_list_add_remove(guard_server, capsys, tmp_path, monkeypatch):
+    from guardkit.cli import main
+
+    tenant = ["--base-url", guard_server.url, "--api-key", guard_server.keys["tenant-a"]]
+    admin = ["--base-url", guard_server.url, "--api-key", guard_server.admin_key]
+    assert main(["policies", "list", *tenant]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "VERSION", "METHOD", "THRESHOLD"]
+    assert [line.split()[0] for line in lines[1:]] == ["always", "coin", "never", "plain"]
+    assert main(["policies", "list", *tenant, "--json"]) == 0
+    listed = [guardkit.PolicyInfo.model_validate(p) for p in json.loads(capsys.readouterr().out)]
+    assert [p.name for p in listed] == ["always", "coin", "never", "plain"]
+
+    folder = _policy_copy(guard_server.spare_dir / "extra", tmp_path / "cli-extra", "cli-extra")
+    monkeypatch.chdir(tmp_path)  # a relative path is sent as an absolute one
+    assert main(["policies", "add", "cli-extra", *tenant]) == 2  # a tenant key cannot change policies
+    err = capsys.readouterr().err
+    assert "PermissionDeniedError" in err and "admin key" in err
+    try:
+        assert main(["policies", "add", "cli-extra", *admin]) == 0
+        assert capsys.readouterr().out.startswith("loaded cli-extra (version 1")
+        assert main(["policies", "add", str(folder), *admin]) == 1  # already loaded
+        assert "ConflictError: 409" in capsys.readouterr().err
+        assert main(["policies", "add", str(folder), "--replace", "--json", *admin]) == 0
+        assert guardkit.PolicyInfo.model_validate_json(capsys.readouterr().out).name == "cli-extra"
+        with Guardkit(base_url=guard_server.url, api_key=guard_server.keys["tenant-a"]) as client:
+            assert client.check(turn(), policies=["cli-extra"]).verdicts[0].policy == "cli-extra"
+    finally:
+        removed = main(["policies", "remove", "cli-extra", *admin])
+    assert removed == 0 and capsys.readouterr().out.startswith("removed cli-extra")
+    assert main(["policies", "remove", "cli-extra", *admin]) == 1
+    assert "NotFoundError: 404" in capsys.readouterr().err
+    assert main(["policies", "add", str(tmp_path / "missing"), *admin]) == 1  # not a policy folder
+    assert "BadRequestError: 400" in capsys.readouterr().err
+    assert main(["policies", "remove", "always", "--base-url", closed_port_url(), "--retries", "0"]) == 2
+
+
+def test_policies_cli_rescan(guard_server, capsys):
+    import shutil
+
+    from guardkit.cli import main
+
+    admin = ["--base-url", guard_server.url, "--api-key", guard_server.admin_key]
+    good = guard_server.policy_dir / "cli-rescanned"
+    bad = guard_server.policy_dir / "cli-bad"
+    try:
+        _policy_copy(guard_server.spare_dir / "extra", good, "cli-rescanned")
+        assert main(["policies", "rescan", *admin]) == 0
+        out = capsys.readouterr().out
+        assert "added:     cli-rescanned" in out and "error" not in out
+        shutil.copytree(guard_server.spare_dir / "llama-policy", bad)  # another base model
+        assert main(["policies", "rescan", *admin]) == 1  # applied what it could, reported the rest
+        assert "error:" in capsys.readouterr().out
+    finally:
+        for folder in (good, bad):
+            shutil.rmtree(folder, ignore_errors=True)
+        code = main(["policies", "rescan", "--json", *admin])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["removed"] == ["cli-rescanned"] and report["errors"] == []

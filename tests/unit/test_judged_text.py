@@ -257,8 +257,14 @@ class GuardRecorder:
         return [Message.model_validate(b["messages"][-1]).text() for b in self.bodies if b.get("stage") == "output"]
 
 
-ONE_WINDOW = GuardConfig(stream=StreamOptions(chunk_chars=100_000))
-SMALL_WINDOWS = GuardConfig(stream=StreamOptions(chunk_chars=4, overlap_chars=0))  # windows joined = the text
+def assert_prefixes_of(checked: list[str], whole: str) -> None:
+    """Streamed checks: each judged the reply so far (a growing prefix), the last all of it."""
+    assert len(checked) >= 2 and checked[-1] == whole
+    assert all(whole.startswith(t) for t in checked) and checked == sorted(checked, key=len)
+
+
+ONE_CHECK = GuardConfig(stream=StreamOptions(chunk_chars=100_000))
+FREQUENT_CHECKS = GuardConfig(stream=StreamOptions(chunk_chars=4))  # a check every few characters
 
 
 # =================================================================== OpenAI
@@ -307,9 +313,9 @@ def whole_from_chunks(payloads: list[dict[str, Any]]) -> list[str]:
 def streamed_by_call(payloads: list[dict[str, Any]]) -> dict[int, str]:
     from openai.types.chat import ChatCompletionChunk
 
-    from guardkit.integrations.openai import _Call
+    from guardkit.integrations.openai import _ChatCall
 
-    call = _Call(GuardConfig(), {"messages": ["hi"], "stream": True})
+    call = _ChatCall(GuardConfig(), {"messages": ["hi"], "stream": True})
     joined: dict[int, str] = {}
     for payload in payloads:
         for index, piece in call.texts(ChatCompletionChunk.model_validate(payload)).items():
@@ -334,9 +340,9 @@ def test_openai_calls_are_judged_while_they_stream():
     payloads = openai_chunks([ANSWER_DELTAS])
     from openai.types.chat import ChatCompletionChunk
 
-    from guardkit.integrations.openai import _Call
+    from guardkit.integrations.openai import _ChatCall
 
-    call = _Call(GuardConfig(), {"messages": ["hi"], "stream": True})
+    call = _ChatCall(GuardConfig(), {"messages": ["hi"], "stream": True})
     pieces = [call.texts(ChatCompletionChunk.model_validate(p)).get(0, "") for p in payloads]
     assert pieces[3:6] == ["\n[tool call] get_weather", '({"city":', '"Paris"}']  # fragments as they arrive
     assert pieces[6] == ")\n[tool call] get_time" and pieces[-1] == ")"
@@ -398,13 +404,170 @@ def run_openai(flavor: str, deltas: list[dict[str, Any]], config: GuardConfig, s
 @pytest.mark.parametrize("flavor", ["sync", "async"])
 @pytest.mark.parametrize("deltas", [ANSWER_DELTAS, TOOL_ONLY_DELTAS], ids=["content+calls", "call only"])
 def test_guarded_openai_judges_a_streamed_answer_as_the_whole_one(flavor, deltas):
-    whole, _ = run_openai(flavor, deltas, ONE_WINDOW, stream=False)
-    one, chunks = run_openai(flavor, deltas, ONE_WINDOW, stream=True)
-    small, _ = run_openai(flavor, deltas, SMALL_WINDOWS, stream=True)
+    whole, _ = run_openai(flavor, deltas, ONE_CHECK, stream=False)
+    one, chunks = run_openai(flavor, deltas, ONE_CHECK, stream=True)
+    small, _ = run_openai(flavor, deltas, FREQUENT_CHECKS, stream=True)
     [whole_text] = whole.output_texts()
     assert one.output_texts() == [whole_text]
-    assert len(small.output_texts()) > 2 and "".join(small.output_texts()) == whole_text
+    assert_prefixes_of(small.output_texts(), whole_text)
     assert len(chunks) == len(openai_chunks([deltas]))
+
+
+# ============================================================ OpenAI Responses
+def response_events(with_deltas: bool = True) -> list[dict[str, Any]]:
+    """A Responses-API stream (as openai's event types): a message, a function call, a shell
+    call, then response.completed with the whole response. ``with_deltas=False``: a provider
+    that sends the items only when they are done."""
+    message = {"type": "message", "id": "m1", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": "Let me check.", "annotations": []}]}
+    function = {"type": "function_call", "id": "f1", "call_id": "c1", "name": "get_weather",
+                "arguments": '{"city":"Paris"}', "status": "completed"}
+    shell = {"type": "shell_call", "id": "s1", "call_id": "c2", "status": "completed",
+             "action": {"commands": ["rm -rf /"], "timeout_ms": 1000, "max_output_length": 100}}
+    response = {"id": "r1", "object": "response", "created_at": 0, "model": "m", "status": "completed",
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "output": [message, function, shell]}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": {**response, "output": [], "status": "in_progress"}}]
+    events.append({"type": "response.output_item.added", "output_index": 0, "item": {**message, "content": [], "status": "in_progress"}})
+    if with_deltas:
+        events += [{"type": "response.output_text.delta", "output_index": 0, "item_id": "m1", "content_index": 0,
+                    "delta": d, "logprobs": []} for d in ["Let ", "me ", "check."]]
+    events.append({"type": "response.output_item.done", "output_index": 0, "item": message})
+    events.append({"type": "response.output_item.added", "output_index": 1, "item": {**function, "arguments": "", "status": "in_progress"}})
+    if with_deltas:
+        events += [{"type": "response.function_call_arguments.delta", "output_index": 1, "item_id": "f1", "delta": d}
+                   for d in ['{"city":', '"Paris"}']]
+    events.append({"type": "response.output_item.done", "output_index": 1, "item": function})
+    events.append({"type": "response.output_item.added", "output_index": 2, "item": {**shell, "status": "in_progress"}})
+    events.append({"type": "response.output_item.done", "output_index": 2, "item": shell})
+    events.append({"type": "response.completed", "response": response})
+    return [{**e, "sequence_number": i} for i, e in enumerate(events)]
+
+
+def parsed_events(payloads: list[dict[str, Any]]) -> list[Any]:
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(ResponseStreamEvent)
+    return [adapter.validate_python(p) for p in payloads]
+
+
+def responses_call(stream: bool = True) -> Any:
+    from guardkit.integrations.openai import _ResponsesCall
+
+    return _ResponsesCall(GuardConfig(), {"model": "m", "input": "weather?", "stream": stream})
+
+
+@pytest.mark.parametrize("with_deltas", [True, False], ids=["deltas", "whole items"])
+def test_responses_streamed_text_is_the_whole_responses_text(with_deltas):
+    from openai.types.responses import Response
+
+    from guardkit.integrations.openai import response_text
+
+    events = parsed_events(response_events(with_deltas))
+    call = responses_call()
+    pieces, held = [], []
+    for event in events:
+        pieces.append(call.texts(event).get(0, ""))
+        held.append(call.held())
+    whole = response_text(Response.model_validate(response_events()[-1]["response"]))
+    assert "".join(pieces) == whole
+    assert whole == (
+        'Let me check.\n[tool call] get_weather({"city":"Paris"})\n'
+        '[tool call] shell_call({"commands": ["rm -rf /"], "max_output_length": 100, "timeout_ms": 1000})'
+    )
+    if with_deltas:  # judged as the fragments arrive
+        assert pieces[2:5] == ["Let ", "me ", "check."] and pieces[6] == "\n[tool call] get_weather("
+    # the shell call's events wait for the final check (its text is judged when it is done)
+    assert [e.type for e, h in zip(events, held) if h] == ["response.output_item.added", "response.output_item.done"]
+    assert pieces[-1] == ""  # response.completed: nothing left to add
+
+
+def test_responses_events_out_of_step_are_still_judged_in_full():
+    """Deltas that do not add up to the item: the item, then the response, are judged again."""
+    payloads = response_events()
+    payloads[3]["delta"] = "Lxt "  # not what the done item says
+    call = responses_call()
+    joined = "".join(call.texts(e).get(0, "") for e in parsed_events(payloads))
+    from openai.types.responses import Response
+
+    from guardkit.integrations.openai import response_text
+
+    whole = response_text(Response.model_validate(payloads[-1]["response"]))
+    assert joined.endswith(whole) and "Lxt " in joined
+
+
+def test_responses_input_reads_as_a_conversation():
+    from guardkit.integrations.openai import _ResponsesCall
+
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather"}, {"type": "input_image", "image_url": "x"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "reasoning", "id": "r", "summary": []},
+        {"type": "item_reference", "id": "x"},
+    ]
+    call = _ResponsesCall(GuardConfig(), {"instructions": "You help.", "input": items})
+    assert [(m.role, m.text()) for m in call.messages] == [
+        ("system", "You help."), ("developer", "Be brief."), ("user", "weather"),
+        ("assistant", "[tool call] get_weather({})"), ("tool", "sunny"),
+    ]
+    from guardkit import InvalidInputError
+
+    with pytest.raises(InvalidInputError):
+        _ResponsesCall(GuardConfig(), {"instructions": "only this", "input": [{"type": "item_reference", "id": "x"}]})
+
+
+class FakeResponsesLLM:
+    """``/v1/responses`` in-process: the scripted response, whole or as its SSE events."""
+
+    def handler(self, request: Any) -> Any:
+        import httpx2
+
+        body = json.loads(request.content)
+        payloads = response_events()
+        if body.get("stream"):
+            sse = "".join(f"event: {p['type']}\ndata: {json.dumps(p)}\n\n" for p in payloads)
+            return httpx2.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+        return httpx2.Response(200, json=payloads[-1]["response"])
+
+    def client(self, flavor: str) -> Any:
+        import httpx2
+        from openai import AsyncOpenAI, OpenAI
+
+        if flavor == "async":
+            return AsyncOpenAI(api_key="k", base_url="http://llm.test/v1", http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(self.handler)))
+        return OpenAI(api_key="k", base_url="http://llm.test/v1", http_client=httpx2.Client(transport=httpx2.MockTransport(self.handler)))
+
+
+def run_responses(flavor: str, config: GuardConfig, stream: bool, guard: GuardRecorder | None = None) -> tuple[GuardRecorder, Any]:
+    from guardkit import guard as guard_client
+
+    recorder = guard or GuardRecorder()
+    guarded = guard_client(FakeResponsesLLM().client(flavor), client=recorder.client(flavor), config=config)
+    kwargs = {"model": "m", "input": "weather?", "stream": stream}
+    if flavor == "sync":
+        response = guarded.responses.create(**kwargs)
+        return recorder, list(response) if stream else response
+
+    async def main() -> Any:
+        response = await guarded.responses.create(**kwargs)
+        return [e async for e in response] if stream else response
+
+    return recorder, asyncio.run(main())
+
+
+@pytest.mark.parametrize("flavor", ["sync", "async"])
+def test_guarded_responses_judge_a_streamed_response_as_the_whole_one(flavor):
+    whole, response = run_responses(flavor, ONE_CHECK, stream=False)
+    one, events = run_responses(flavor, ONE_CHECK, stream=True)
+    small, _ = run_responses(flavor, FREQUENT_CHECKS, stream=True)
+    [whole_text] = whole.output_texts()
+    assert "rm -rf /" in whole_text and one.output_texts() == [whole_text]
+    assert_prefixes_of(small.output_texts(), whole_text)
+    assert len(events) == len(response_events()) and response.guardkit.output[0].stage == "output"
+    with pytest.raises(OutputBlocked):  # the command in the shell call is judged
+        run_responses(flavor, ONE_CHECK, stream=True, guard=GuardRecorder(block_if="rm -rf"))
 
 
 # ================================================================ LangChain
@@ -496,13 +659,13 @@ def test_langchain_chunk_texts_end_as_the_whole_answers_text():
 @pytest.mark.parametrize("how", ["stream", "astream"])
 @pytest.mark.parametrize("make", [scripted_model, scripted_runnable], ids=["chat model", "no last chunk"])
 def test_guarded_runnable_judges_a_streamed_answer_as_the_whole_one(make, how):
-    whole, answer = lc_run(make(lc_chunks()), ONE_WINDOW, "invoke")
-    one, chunks = lc_run(make(lc_chunks()), ONE_WINDOW, how)
-    small, _ = lc_run(make(lc_chunks()), SMALL_WINDOWS, how)
+    whole, answer = lc_run(make(lc_chunks()), ONE_CHECK, "invoke")
+    one, chunks = lc_run(make(lc_chunks()), ONE_CHECK, how)
+    small, _ = lc_run(make(lc_chunks()), FREQUENT_CHECKS, how)
     [whole_text] = whole.output_texts()
     assert '[tool call] get_time({"tz": "CET"})' in whole_text
     assert one.output_texts() == [whole_text]
-    assert "".join(small.output_texts()) == whole_text
+    assert_prefixes_of(small.output_texts(), whole_text)
     # Every chunk reaches the caller, and nothing else does.
     from langchain_core.messages import AIMessageChunk
 
@@ -517,7 +680,7 @@ def test_a_tool_call_is_judged_even_when_the_stream_has_no_last_chunk(how):
 
     chunks = [AIMessageChunk(content="", tool_call_chunks=[{"name": "run", "args": '{"cmd":"rm -rf /"}', "id": "1", "index": 0}])]
     with pytest.raises(OutputBlocked):
-        lc_run(scripted_runnable(chunks), ONE_WINDOW, how, guard=GuardRecorder(block_if="rm -rf"))
+        lc_run(scripted_runnable(chunks), ONE_CHECK, how, guard=GuardRecorder(block_if="rm -rf"))
 
 
 # ====================================================== module boundaries

@@ -4,11 +4,13 @@ Without it a burst larger than the engine can serve queues inside vLLM until eve
 deadline passes, and all of them fail closed after the full wait. Here the server counts the
 policy evaluations in flight and:
 
-* runs a call at once while the engine has room (``capacity`` evaluations in flight);
-* queues it (first come, first served) while the queue has room and the expected wait, from the
-  throughput measured over the last seconds, fits the call's deadline;
-* otherwise refuses it immediately (``Overloaded`` -> HTTP 429 with ``Retry-After``), so the
-  client can retry elsewhere or later within its own deadline.
+* refuses a call immediately (``Overloaded`` -> HTTP 429 with ``Retry-After``) when the time
+  until its evaluations are done -- the work in flight and queued ahead of it plus its own,
+  at the throughput measured over the last seconds (the last measurement is kept across idle
+  moments) -- would not fit its deadline, or when it would have to queue and the queue is full;
+  this is checked before any work is spent on the call (tokenizing);
+* otherwise runs it at once while the engine has room (``capacity`` evaluations in flight), or
+  queues it, first come, first served.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Admission:
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._done: collections.deque[tuple[float, int]] = collections.deque()  # (time, evals)
         self._busy_since: float | None = None
+        self._last_rate: float | None = None  # kept across idle moments
 
     # -------------------------------------------------------------- measurement
     def throughput(self) -> float | None:
@@ -53,18 +56,37 @@ class Admission:
         while self._done and self._done[0][0] < now - _WINDOW_S:
             self._done.popleft()
         if not self._done or self._busy_since is None:
-            return None
+            return self._last_rate
         span = now - max(self._busy_since, now - _WINDOW_S)
         if span < 0.5:
-            return None
-        return sum(n for _, n in self._done) / span
+            return self._last_rate
+        self._last_rate = sum(n for _, n in self._done) / span
+        return self._last_rate
 
     def expected_wait_s(self, evaluations: int) -> float | None:
+        """Until this call's evaluations are done, if they join the line now (None: unknown)."""
         rate = self.throughput()
         if rate is None or rate <= 0:
             return None
-        backlog = max(0, self.in_flight + self.waiting + evaluations - self.capacity)
-        return backlog / rate
+        return (self.in_flight + self.waiting + evaluations) / rate
+
+    def refuse_early(self, evaluations: int, deadline_s: float) -> None:
+        """Raise ``Overloaded`` now, before any work on the call, when ``admit`` would."""
+        size = min(evaluations, self.capacity)
+        must_wait = self.in_flight + size > self.capacity or bool(self._waiters)
+        if must_wait and self.waiting + size > self.queue:
+            raise Overloaded(
+                f"guardkit-server is at capacity ({self.in_flight} policy evaluations running, "
+                f"{self.waiting} queued); retry shortly",
+                self._retry_after(size),
+            )
+        wait = self.expected_wait_s(size)
+        if wait is not None and wait > deadline_s * _DEADLINE_SHARE:
+            raise Overloaded(
+                f"guardkit-server is busy: the expected time for this call ({wait:.1f} s) exceeds "
+                f"its deadline ({deadline_s:.1f} s); retry shortly",
+                self._retry_after(size),
+            )
 
     # ---------------------------------------------------------------- admission
     @contextlib.asynccontextmanager
@@ -72,6 +94,7 @@ class Admission:
         """Hold room for ``evaluations`` while the body runs; raise ``Overloaded`` at once if
         the call cannot get room within its deadline."""
         size = min(evaluations, self.capacity)  # a call larger than the engine runs alone
+        self.refuse_early(evaluations, deadline_s)
         if self.in_flight + size > self.capacity or self._waiters:
             await self._wait(size, deadline_s)
         else:
@@ -82,19 +105,6 @@ class Admission:
             self._release(size)
 
     async def _wait(self, size: int, deadline_s: float) -> None:
-        if self.waiting + size > self.queue:
-            raise Overloaded(
-                f"guardkit-server is at capacity ({self.in_flight} policy evaluations running, "
-                f"{self.waiting} queued); retry shortly",
-                self._retry_after(size),
-            )
-        wait = self.expected_wait_s(size)
-        if wait is not None and wait > deadline_s * _DEADLINE_SHARE:
-            raise Overloaded(
-                f"guardkit-server is busy: the expected wait ({wait:.1f} s) exceeds this call's "
-                f"deadline ({deadline_s:.1f} s); retry shortly",
-                self._retry_after(size),
-            )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (size, future)
         self._waiters.append(entry)
@@ -119,6 +129,7 @@ class Admission:
     def _release(self, size: int) -> None:
         self.in_flight -= size
         self._done.append((time.monotonic(), size))
+        self.throughput()  # measured while still busy, kept for after an idle moment
         self._grant()
         if self.in_flight == 0 and not self._waiters:
             self._busy_since = None
@@ -133,5 +144,9 @@ class Admission:
             future.set_result(None)
 
     def _retry_after(self, size: int) -> float:
-        wait = self.expected_wait_s(size)
-        return 1.0 if wait is None else max(0.1, min(30.0, math.ceil(wait * 10) / 10))
+        """About when the work ahead of a call of this size will have drained."""
+        rate = self.throughput()
+        if rate is None or rate <= 0:
+            return 1.0
+        ahead = max(0, self.in_flight + self.waiting + size - self.capacity)
+        return max(0.1, min(30.0, math.ceil(ahead / rate * 10) / 10))

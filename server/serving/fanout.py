@@ -108,6 +108,8 @@ class FanOut:
                 status=413,
                 param="messages",
             )
+        # An overloaded server says so before spending any work (tokenizing) on the call.
+        self.admission.refuse_early(len(policies), timeout_s)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         try:
             prefix = await asyncio.get_running_loop().run_in_executor(

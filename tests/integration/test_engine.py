@@ -257,3 +257,4 @@ async def test_a_non_finite_score_is_an_engine_error_never_a_verdict(engine, tin
             await engine.evaluate(Evaluation(prompt.ids, contract.label_token_ids(), adapter=adapter))
     finally:
         await engine.remove_adapter(adapter)
+

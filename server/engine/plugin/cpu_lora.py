@@ -165,6 +165,27 @@ TARGETS: tuple[tuple[str, str], ...] = tuple(
 )
 
 
+_RUN_BUFFERS = ("_seq_start_locs", "_seq_lengths", "_lora_indices_per_batch")
+
+
+def _fit_run_buffers(wrapper, token_lora_tensor: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
+    """Grow the per-run prefill buffers to this step's number of runs.
+
+    vLLM sizes them at max_num_seqs, one run per request. Every aLoRA request is two runs (its
+    base-model prefix, then its adapter), so more than max_num_seqs / 2 of them in one step
+    overflowed the buffers and killed the engine core.
+    """
+    n = token_lora_tensor.numel()
+    runs = int(torch.count_nonzero(token_lora_tensor[1:] != token_lora_tensor[:-1])) + 1 if n else 0
+    current = wrapper._seq_start_locs.shape[0]
+    if runs <= current:
+        return
+    size = max(runs, 2 * current)
+    for name in _RUN_BUFFERS:
+        old = getattr(wrapper, name)
+        setattr(wrapper, name, torch.empty(size, dtype=old.dtype, device=old.device))
+
+
 def patch_cpu_punica() -> None:
     try:
         from vllm.lora.punica_wrapper import punica_cpu
@@ -179,6 +200,7 @@ def patch_cpu_punica() -> None:
     original_update = cls._update_prefill_metadata
 
     def _update_prefill_metadata(self, token_lora_tensor):  # type: ignore[no-untyped-def]
+        _fit_run_buffers(self, token_lora_tensor)
         original_update(self, token_lora_tensor)
         self.__dict__.pop("_guardkit_segments", None)
 

@@ -250,7 +250,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"(the machine is shared: other jobs run beside the benchmark).",
         "",
         f"Server: `guardkit-server {' '.join(result['server']['argv'])}` on loopback; admission "
-        + (f"set by {' '.join(f'`{a}`' for a in s['server_args'])} "
+        + (f"set by {' '.join(f'`{a}`' for a in s['server_args'])}"
            if any("evaluations" in a for a in s.get("server_args") or []) else
            "at its defaults (max_inflight_evaluations = max_num_seqs = 256, max_queued_evaluations = 256)")
         + ". "
@@ -567,7 +567,7 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "guardkit-load", "title": "guardkit-server under load: admission control",
         "date": machine.today(), "machine": machine.machine_info(), "versions": machine.versions(),
         "model": model_dir.name, "run_id": run_id,
-        "server": {"argv": _without_port(settings.argv(0)), "log": str(log)},
+        "server": {"argv": _without_port(settings.argv(0))},
         "settings": {"clients": args.clients, "duration_s": args.duration_s, "policies": counts,
                      "burst": args.burst, "bursts": args.bursts, "burst_gap_s": args.burst_gap_s,
                      "turns": args.turns, "timeout_ms": args.timeout_ms, "max_model_len": args.max_model_len,

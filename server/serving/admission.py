@@ -80,7 +80,7 @@ class Admission:
                 f"{self.waiting} queued); retry shortly",
                 self._retry_after(size),
             )
-        wait = self.expected_wait_s(size)
+        wait = self.expected_wait_s(size) if must_wait else None
         if wait is not None and wait > deadline_s * _DEADLINE_SHARE:
             raise Overloaded(
                 f"guardkit-server is busy: the expected time for this call ({wait:.1f} s) exceeds "

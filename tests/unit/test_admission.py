@@ -41,11 +41,11 @@ def test_calls_run_while_there_is_room_then_queue_then_are_refused():
 def test_a_call_that_would_miss_its_deadline_is_refused_up_front(monkeypatch):
     gate = Admission(capacity=100, queue=100)
     monkeypatch.setattr(gate, "throughput", lambda: 4.0)  # evaluations per second
-    gate.in_flight = 80
+    gate.in_flight = 90  # 90 + 16 > 100: the call would have to queue
     with pytest.raises(Overloaded, match="exceeds its deadline") as info:
-        gate.refuse_early(16, deadline_s=20)  # (80 + 16) / 4 = 24 s > 0.8 * 20
-    assert info.value.retry_after_s == 0.1  # no work ahead beyond capacity: retry soon
-    gate.refuse_early(16, deadline_s=40)  # 24 s fits a 40 s deadline
+        gate.refuse_early(16, deadline_s=20)  # (90 + 16) / 4 = 26.5 s > 0.8 * 20
+    assert info.value.retry_after_s == 1.5  # 6 evaluations beyond capacity at 4/s
+    gate.refuse_early(16, deadline_s=40)  # 26.5 s fits a 40 s deadline
 
 
 def test_the_measured_rate_survives_an_idle_moment():

@@ -183,6 +183,10 @@ class Usage(BaseModel):
     cached_tokens: int = Field(0, description="Of those, served from the prefix cache.")
     computed_tokens: int = Field(0, description="Of those, computed in this call.")
     conversation_tokens: int = Field(0, description="Length of the shared conversation prefix.")
+    omitted_messages: int = Field(
+        0, description="Messages the length rule dropped from the middle of a long conversation."
+    )
+    cut_messages: int = Field(0, description="Messages the length rule kept but cut in the middle.")
 
 
 class Timings(BaseModel):
@@ -205,6 +209,12 @@ class GuardResult(BaseModel):
     verdicts: list[Verdict]
     stage: Stage | None = None
     judged_messages: int = Field(0, description="How many messages of the conversation were judged.")
+    shortened: bool = Field(
+        False,
+        description="The conversation was longer than the policies' length rule allows and was "
+        "judged shortened, as they were trained: the first message, the first user message and "
+        "the latest messages kept, long messages cut in the middle (usage says how much).",
+    )
     model: str | None = None
     usage: Usage = Field(default_factory=Usage)
     timings: Timings = Field(default_factory=Timings)

@@ -121,6 +121,11 @@ class Plan:
         self.max_m = max([*(self.ms if self.grid else []), *([self.mt_m] if self.multiturn else [])])
 
     @property
+    def longest(self) -> int:
+        """The longest conversation (prefix tokens) the plan sends."""
+        return max([*(self.lengths if self.grid else []), *([self.mt_tokens] if self.multiturn else [])])
+
+    @property
     def needed_per_method(self) -> int:
         return self.max_m
 
@@ -131,7 +136,7 @@ class Plan:
 
         suffix = max(len(contract.suffix_ids(PolicyPrompt(rule=policy_rule(i)))) for i in range(self.max_m))
         limit = min(context, model_context or context)
-        longest = max([*(self.lengths if self.grid else []), *([self.mt_tokens] if self.multiturn else [])])
+        longest = self.longest
         if longest + suffix >= limit:
             raise BenchError(
                 f"a {longest}-token conversation plus the {suffix}-token policy prompt is beyond "
@@ -205,18 +210,22 @@ async def _run(args: argparse.Namespace, transport: Any) -> int:
     from guardkit_server.bench.energy import EnergyMeter
     from guardkit_server.bench.server import LocalServer, ServerSettings, ServerStartError
     from guardkit_server.bench.synthetic import bench_policies
-    from guardkit_server.policies.contract import PromptContract
+    from guardkit_server.policies.contract import DEFAULT_MAX_CONVERSATION_TOKENS, PromptContract
 
     plan = Plan(args)
     model_dir, load_format, model_name = _model(args)
     config = json.loads((model_dir / "config.json").read_text())
     model_context = config.get("max_position_embeddings")
     context = args.max_model_len or min(8192, model_context or 8192)
-    contract = PromptContract.from_pretrained(str(model_dir))
+    # The length rule must not shorten the benchmark's conversations: its budget covers the longest.
+    budget = max(DEFAULT_MAX_CONVERSATION_TOKENS, plan.longest)
+    contract = PromptContract.from_pretrained(str(model_dir), max_conversation_tokens=budget)
     plan.check_lengths(contract, context, model_context)
 
     if args.write_policies or not args.url:
-        directory = bench_policies(model_dir, plan.needed_per_method, root=args.policies_dir)
+        directory = bench_policies(
+            model_dir, plan.needed_per_method, root=args.policies_dir, max_conversation_tokens=budget
+        )
         if args.write_policies:
             print(directory)
             return 0
@@ -233,6 +242,7 @@ async def _run(args: argparse.Namespace, transport: Any) -> int:
         settings = ServerSettings(
             model=model_dir, policies=directory, max_m=plan.max_m, max_model_len=context,
             load_format=load_format, kv_cache_memory_gb=None if gpu else args.kv_cache_gb,
+            max_conversation_tokens=budget,
         )
         log = Path(tempfile.mkdtemp(prefix="guardkit-bench-")) / "server.log"
         _say(f"starting guardkit-server ({model_name}, {3 * plan.max_m} policies); log {log}")

@@ -64,6 +64,11 @@ def build(contract: PromptContract, tokens: int, marker: str, seed: int = 0) -> 
     floor = minimum_tokens(contract) + 8
     if tokens < floor:
         raise LengthError(f"{tokens} tokens is shorter than the system prompt and markers ({floor})")
+    if tokens > contract.max_conversation_tokens:
+        raise LengthError(
+            f"{tokens} tokens is beyond the contract's length rule ({contract.max_conversation_tokens}); "
+            "the conversation would be shortened"
+        )
     rng = random.Random(seed)
     messages = _turns(rng, marker, 2, 120)
     while len(contract.prefix_ids(messages)) < tokens:

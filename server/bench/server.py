@@ -31,6 +31,7 @@ class ServerSettings:
     max_model_len: int
     load_format: str = "auto"
     kv_cache_memory_gb: float | None = None
+    max_conversation_tokens: int | None = None
     extra: tuple[str, ...] = ()
 
     def argv(self, port: int) -> list[str]:
@@ -44,6 +45,8 @@ class ServerSettings:
             "--max-model-len", str(self.max_model_len), "--load-format", self.load_format,
             "--default-timeout-ms", str(900_000),
         ]
+        if self.max_conversation_tokens:
+            args += ["--max-conversation-tokens", str(self.max_conversation_tokens)]
         if self.kv_cache_memory_gb:
             args += ["--kv-cache-memory-gb", str(self.kv_cache_memory_gb)]
         return args + list(self.extra)

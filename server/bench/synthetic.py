@@ -79,14 +79,9 @@ def _corpus() -> list[str]:
     """The texts guardkit sends (system prompt, questions, bench conversations and rules), so
     token counts come out close to a real tokenizer's."""
     from guardkit_server.bench.conversation import _TOPICS, _VOCAB
-    from guardkit_server.policies.contract import (
-        CONVERSATION_HEADER,
-        DEFAULT_QUESTION,
-        DEFAULT_SYSTEM_PROMPT,
-    )
+    from guardkit_server.policies.contract import DEFAULT_QUESTION, DEFAULT_SYSTEM_PROMPT
 
-    fixed = [DEFAULT_SYSTEM_PROMPT, DEFAULT_QUESTION, CONVERSATION_HEADER, "User: ", "Assistant: ",
-             "Policy: ", *_TOPICS, *(policy_rule(i) for i in range(100))]
+    fixed = [DEFAULT_SYSTEM_PROMPT, DEFAULT_QUESTION, "Policy: ", *_TOPICS, *(policy_rule(i) for i in range(100))]
     return fixed * 20 + [" ".join(_VOCAB).capitalize() + ".", _WORDS] * 20
 
 
@@ -180,18 +175,21 @@ def policy_rule(index: int) -> str:
     return f"Rule {index}: the conversation must not give advice about {topic} (check {index:03d})."
 
 
-def bench_policies(model_dir: Path, count: int, root: Path | None = None, rank: int = 16) -> Path:
+def bench_policies(
+    model_dir: Path, count: int, root: Path | None = None, rank: int = 16, max_conversation_tokens: int | None = None
+) -> Path:
     """A directory with ``count`` policies per method for this base model, built once and reused.
 
     The same rule text for policy i in every method, so aLoRA, LoRA and base requests have the
     same prompt ids and differ only in how they are served.
     """
-    from guardkit_server.policies.contract import PromptContract
+    from guardkit_server.policies.contract import DEFAULT_MAX_CONVERSATION_TOKENS, PromptContract
     from guardkit_server.policies.manifest import BaseModelRef, PolicyManifest, write_manifest
 
+    budget = max_conversation_tokens or DEFAULT_MAX_CONVERSATION_TOKENS
     config = json.loads((model_dir / "config.json").read_text())
     fp = fingerprint(model_dir)
-    key = hashlib.sha256(f"{fp}:{count}:{rank}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{fp}:{count}:{rank}:{budget}".encode()).hexdigest()[:12]
     directory = (root or model_cache() / "policies") / f"{model_dir.name}-{count}-{key}"
     stamp = directory / ".complete"
     if stamp.exists():
@@ -214,6 +212,7 @@ def bench_policies(model_dir: Path, count: int, root: Path | None = None, rank: 
                 base_model=BaseModelRef(name=model_dir.name, fingerprint=fp),
                 invocation_ids=invocation if method == "alora" else None,
                 description="synthetic benchmark policy (random adapter)",
+                max_conversation_tokens=budget,
             )
             write_manifest(folder, manifest)
     stamp.write_text(str(os.getpid()))

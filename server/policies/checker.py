@@ -57,7 +57,15 @@ class PolicyChecker:
         if manifest.contract_version != CONTRACT_VERSION:
             raise PolicyError(
                 f"{where}: built for prompt contract v{manifest.contract_version}, this server "
-                f"uses v{CONTRACT_VERSION}; retrain it"
+                f"uses v{CONTRACT_VERSION} (each message its own turn, so text cannot fake roles); "
+                "retrain it with guardkit-server train"
+            )
+        budget = self.contract.max_conversation_tokens
+        if manifest.has_adapter and manifest.max_conversation_tokens != budget:
+            raise PolicyError(
+                f"{where}: trained on conversations fitted to {manifest.max_conversation_tokens} "
+                f"tokens, but this server fits them to {budget}; start it with "
+                f"--max-conversation-tokens {manifest.max_conversation_tokens} or retrain"
             )
         fp = self.model.fingerprint
         if manifest.base_model.fingerprint and fp and manifest.base_model.fingerprint != fp:

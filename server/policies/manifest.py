@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from guardkit_server.policies.contract import (
     CONTRACT_VERSION,
     DEFAULT_LABELS,
+    DEFAULT_MAX_CONVERSATION_TOKENS,
     DEFAULT_QUESTION,
+    MIN_CONVERSATION_TOKENS,
     PolicyPrompt,
 )
 
@@ -57,6 +59,11 @@ class PolicyManifest(BaseModel):
     base_model: BaseModelRef
     contract_version: str = CONTRACT_VERSION
     invocation_ids: list[int] | None = None
+    max_conversation_tokens: int = Field(
+        default=DEFAULT_MAX_CONVERSATION_TOKENS,
+        ge=MIN_CONVERSATION_TOKENS,
+        description="the contract's length rule the adapter was trained with",
+    )
     training: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

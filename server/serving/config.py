@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from guardkit_server.engine.engine import EngineConfig
+from guardkit_server.policies.contract import DEFAULT_MAX_CONVERSATION_TOKENS, MIN_CONVERSATION_TOKENS
 
 BUILTIN_POLICIES = Path(__file__).resolve().parents[1] / "policies" / "builtin"
 DEFAULT_PORT = 8600
@@ -61,6 +62,11 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(8 << 20, gt=0)
     max_conversation_chars: int = Field(
         1_000_000, gt=0, description="characters of message text per call, checked before tokenizing"
+    )
+    max_conversation_tokens: int = Field(
+        DEFAULT_MAX_CONVERSATION_TOKENS, ge=MIN_CONVERSATION_TOKENS,
+        description="the prompt contract's length rule: longer conversations are judged shortened, "
+        "as the policies were trained (every policy must have been trained with this value)",
     )
     max_inflight_evaluations: int | None = Field(
         None, gt=0, description="policy evaluations running at once (default: the engine's max_num_seqs)"

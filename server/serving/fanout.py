@@ -23,7 +23,7 @@ from guardkit_server.engine.engine import (
     Evaluation,
     EvaluationError,
 )
-from guardkit_server.policies.contract import ContractError, PromptContract
+from guardkit_server.policies.contract import ContractError, ConversationIds, PromptContract
 from guardkit_server.policies.registry import LoadedPolicy, PolicyRegistry
 from guardkit_server.serving.admission import Admission
 from guardkit_server.serving.metrics import Metrics
@@ -110,13 +110,13 @@ class FanOut:
             )
         # An overloaded server says so before spending any work (tokenizing) on the call.
         self.admission.refuse_early(len(policies), timeout_s)
-        messages = [m.model_dump(exclude_none=True) for m in request.messages]
         try:
-            prefix = await asyncio.get_running_loop().run_in_executor(
-                self._tokenizer_thread, self.contract.prefix_ids, messages
+            conversation = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_thread, judged_conversation, self.contract, request
             )
         except ContractError as exc:
             raise GuardRequestError(str(exc), status=422, param="messages") from None
+        prefix = conversation.ids
         longest = len(prefix) + max(len(p.suffix_ids) for p in policies)
         if longest >= self.engine.max_model_len:
             raise GuardRequestError(
@@ -156,12 +156,15 @@ class FanOut:
             verdicts=verdicts,
             stage=request.stage,
             judged_messages=len(request.messages),
+            shortened=conversation.shortened,
             model=self.registry.model.name,
             usage=Usage(
                 prompt_tokens=prompt_tokens,
                 cached_tokens=cached,
                 computed_tokens=prompt_tokens - cached,
                 conversation_tokens=len(prefix),
+                omitted_messages=conversation.omitted_messages,
+                cut_messages=conversation.cut_messages,
             ),
             timings=Timings(
                 total_ms=(finished - started) * 1000,
@@ -209,6 +212,11 @@ class FanOut:
             return results
         finally:
             await self.registry.release(policies)
+
+
+def judged_conversation(contract: PromptContract, request: GuardRequest) -> ConversationIds:
+    """The conversation's shared prefix ids, by the contract's length rule (as in training)."""
+    return contract.prefix([m.model_dump(exclude_none=True) for m in request.messages])
 
 
 def _verdict(policy: LoadedPolicy, result: EvalResult | BaseException, enforced: bool) -> Verdict:

@@ -81,7 +81,9 @@ class ServerRuntime:
         except ModelNotFoundError as exc:
             raise StartupError(str(exc)) from None
         try:
-            contract = PromptContract.from_pretrained(model_path)
+            contract = PromptContract.from_pretrained(
+                model_path, max_conversation_tokens=c.max_conversation_tokens
+            )
             contract.chat_format  # noqa: B018 - fail now on a template the contract cannot use
         except Exception as exc:
             raise StartupError(f"cannot load the tokenizer of {model_path}: {exc}") from None

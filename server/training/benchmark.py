@@ -41,7 +41,7 @@ BUILTIN_DIR = Path("server") / "policies" / "builtin"
 METHODS = ("alora", "lora", "curlora")
 # Shared by every policy and recipe.
 COMMON = ["--rank", "8", "--epochs", "2", "--batch-size", "8", "--dtype", "bf16", "--save-dtype", "bf16",
-          "--max-prompt-tokens", "512", "--seed", "0", "--eval-every", "50", "--warmup", "20"]
+          "--seed", "0", "--eval-every", "50", "--warmup", "20"]
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # One recipe (method + its hyper-parameters) per name, shared by every policy. The first three are
 # the paper's comparison; "alora-mlp" also adapts the MLP: aLoRA changes only the few tokens of the
@@ -123,24 +123,22 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
     """
     from guardkit_server.engine.assets import ensure_default_model
     from guardkit_server.engine.engine import Engine, EngineConfig
-    from guardkit_server.policies.contract import PromptContract
     from guardkit_server.policies.manifest import load_manifest
     from guardkit_server.training.datasets import builtin_dataset
-    from guardkit_server.training.evaluate import score_with_engine
+    from guardkit_server.training.evaluate import contract_for, score_with_engine
     from guardkit_server.training.metrics import compute_metrics, metrics_at_best_threshold
 
     model = str(ensure_default_model())
-    contract = PromptContract.from_pretrained(model)
-    engine = Engine(EngineConfig(model=model, max_loras=2, max_cpu_loras=4, max_lora_rank=8, max_model_len=2048))
+    engine = Engine(EngineConfig(model=model, max_loras=2, max_cpu_loras=4, max_lora_rank=8, max_model_len=4096))
     await engine.start()
     results = []
     try:
         for dataset, folder, label, zero_shot, prompt_from in jobs:
             splits = builtin_dataset(dataset).splits
             manifest = load_manifest(folder)
-            max_tokens = manifest.training.get("config", {}).get("max_prompt_tokens") or 512
+            contract = contract_for(model, manifest)
             started = time.perf_counter()
-            common = {"zero_shot": zero_shot, "max_prompt_tokens": max_tokens, "prompt_from": prompt_from}
+            common = {"zero_shot": zero_shot, "prompt_from": prompt_from}
             report = await score_with_engine(engine, contract, folder, splits["test"], threshold=0.5, **common)
             tuned: dict[str, Any] = {}
             if tune_threshold:
@@ -157,7 +155,7 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
                 "dataset": dataset, "split": "test", "model": label, "policy_folder": str(folder),
                 "zero_shot": zero_shot, "method": report.method, "metrics": m.to_dict(), **tuned,
                 "prompt_tokens": report.prompt_tokens, "cached_tokens": report.cached_tokens,
-                "seconds": round(report.seconds, 1), "max_prompt_tokens": max_tokens,
+                "seconds": round(report.seconds, 1), "max_conversation_tokens": manifest.max_conversation_tokens,
                 "train_seconds": None if zero_shot else manifest.training.get("train_seconds"),
                 "steps": None if zero_shot else manifest.training.get("steps"),
             })

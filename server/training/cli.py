@@ -12,7 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from guardkit_server.policies.contract import DEFAULT_QUESTION, ContractError
+from guardkit_server.policies.contract import (
+    DEFAULT_MAX_CONVERSATION_TOKENS,
+    DEFAULT_QUESTION,
+    ContractError,
+)
 from guardkit_server.training.examples import DataError, Example, read_jsonl
 from guardkit_server.training.lowrank import METHODS
 from guardkit_server.training.trainer import DEFAULT_TARGETS, TrainConfig
@@ -61,7 +65,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--dataset", help="a built-in dataset: jailbreak, harmful-request, harmful-compliance")
     data.add_argument("--val", type=Path, help="validation JSONL (default: a deterministic share of --data)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out for validation when --val is absent (0: none)")
-    data.add_argument("--max-prompt-tokens", type=int, default=512, help="conversations are shortened (keeping the end) to fit (0: no limit)")
+    data.add_argument("--max-conversation-tokens", type=int, default=DEFAULT_MAX_CONVERSATION_TOKENS,
+                      help="the prompt contract's length rule: conversations are fitted to this many tokens, the same way when served (recorded in the policy; a server loads it only with the same setting)")
 
     pol = parser.add_argument_group("policy")
     pol.add_argument("--out", type=Path, required=True, help="policy folder to write")
@@ -190,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
         target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         lr=args.lr if args.lr is not None else (1e-2 if method == "curlora" else 1e-3),
         batch_size=args.batch_size, epochs=args.epochs, steps=args.steps, warmup_steps=args.warmup,
-        seed=args.seed, max_prompt_tokens=args.max_prompt_tokens or None, compute_dtype=args.dtype,
+        seed=args.seed, max_conversation_tokens=args.max_conversation_tokens, compute_dtype=args.dtype,
         fast=not args.no_fast, eval_every=args.eval_every,
     )
     job = TrainJob(
@@ -221,7 +226,6 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
     parser.add_argument("--model", default="default", help="base model folder (default: the embedded model)")
     parser.add_argument("--zero-shot", action="store_true", help="score with the base model alone (the policy's prompt, no adapter)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="shorten conversations like training did (default: the policy's training setting)")
     parser.add_argument("--dtype", default="auto", help="engine dtype (auto, float32, bfloat16)")
     parser.add_argument("--out", type=Path, help="write metrics and per-example scores as JSON")
     parser.add_argument("--pick-threshold", action="store_true",
@@ -249,9 +253,8 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
     """``engine``: a started Engine on the same model to use (default: start one)."""
     from guardkit_server.engine.assets import resolve_model
     from guardkit_server.engine.engine import Engine, EngineConfig
-    from guardkit_server.policies.contract import PromptContract
     from guardkit_server.policies.manifest import load_manifest
-    from guardkit_server.training.evaluate import score_with_engine
+    from guardkit_server.training.evaluate import contract_for, score_with_engine
 
     manifest = load_manifest(args.policy)
     if args.pick_threshold and args.zero_shot:
@@ -266,11 +269,8 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
         examples = builtin_dataset(args.dataset).splits[args.split]
     else:
         examples = read_jsonl(args.data, manifest.labels)
-    max_tokens = args.max_prompt_tokens
-    if max_tokens is None:
-        max_tokens = manifest.training.get("config", {}).get("max_prompt_tokens")
     model = resolve_model(args.model)
-    contract = PromptContract.from_pretrained(model)
+    contract = contract_for(model, manifest)
     rank = 16
     cfg_path = args.policy / "adapter_config.json"
     if cfg_path.exists():
@@ -282,7 +282,7 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
     try:
         report = await score_with_engine(
             engine, contract, args.policy, examples, zero_shot=args.zero_shot,
-            max_prompt_tokens=max_tokens or None, progress=not args.quiet,
+            progress=not args.quiet,
         )
     finally:
         if own_engine:
@@ -306,7 +306,7 @@ async def _eval(args: argparse.Namespace, engine: Any = None) -> int:
         args.out.write_text(json.dumps({
             "policy": manifest.name, "method": report.method, "folder": str(args.policy),
             "data": str(args.data or f"{args.dataset}:{args.split}"), "metrics": m.to_dict(),
-            "max_prompt_tokens": max_tokens, "scores": report.scores, "truth": report.truth,
+            "max_conversation_tokens": manifest.max_conversation_tokens, "scores": report.scores, "truth": report.truth,
             "ids": [ex.id for ex in examples],
         }, indent=1) + "\n")
     return 0

@@ -17,7 +17,7 @@ import torch
 from guardkit_server.engine.engine import Engine, Evaluation
 from guardkit_server.policies.contract import PromptContract
 from guardkit_server.policies.manifest import PolicyManifest, load_manifest
-from guardkit_server.training.examples import Example, fit_messages
+from guardkit_server.training.examples import Example
 from guardkit_server.training.metrics import Metrics, compute_metrics
 
 CHUNK = 64  # evaluations submitted together (the engine batches them)
@@ -39,11 +39,14 @@ class EvalReport:
     seconds: float
 
 
-def prompt_ids(
-    contract: PromptContract, manifest: PolicyManifest, examples: Sequence[Example], max_prompt_tokens: int | None
-) -> list[list[int]]:
+def contract_for(model_dir: str, manifest: PolicyManifest) -> PromptContract:
+    """The contract a policy was trained with (its length rule), on this model's tokenizer."""
+    return PromptContract.from_pretrained(model_dir, max_conversation_tokens=manifest.max_conversation_tokens)
+
+
+def prompt_ids(contract: PromptContract, manifest: PolicyManifest, examples: Sequence[Example]) -> list[list[int]]:
     policy = manifest.prompt()
-    return [contract.build(fit_messages(contract, ex.messages, policy, max_prompt_tokens), policy).ids for ex in examples]
+    return [contract.build(ex.messages, policy).ids for ex in examples]
 
 
 async def score_with_engine(
@@ -53,7 +56,6 @@ async def score_with_engine(
     examples: Sequence[Example],
     *,
     zero_shot: bool = False,
-    max_prompt_tokens: int | None = None,
     progress: bool = False,
     prompt_from: str | Path | None = None,
     threshold: float | None = None,
@@ -71,7 +73,7 @@ async def score_with_engine(
         first = load_manifest(prompt_from)
         manifest = manifest.model_copy(update={"rule": first.rule, "question": first.question, "labels": first.labels, "block_label": first.block_label})
     labels = contract.label_token_ids(manifest.labels)
-    ids = prompt_ids(contract, manifest, examples, max_prompt_tokens)
+    ids = prompt_ids(contract, manifest, examples)
     adapter = None
     if not zero_shot:
         name = f"eval-{manifest.name}-{uuid.uuid4().hex[:8]}"

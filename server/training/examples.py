@@ -1,4 +1,4 @@
-"""Labelled conversations: reading and checking them, fitting them to a token budget, encoding.
+"""Labelled conversations: reading and checking them, encoding them with the prompt contract.
 
 The file format is JSON Lines, one object per line::
 
@@ -25,9 +25,6 @@ from guardkit_server.policies.contract import (
     PromptContract,
     message_text,
 )
-
-TRUNCATION_MARK = " [...] "
-
 
 class DataError(ValueError):
     """Training or evaluation data that cannot be used; the message says where and why."""
@@ -140,76 +137,14 @@ def check_labels_present(examples: Sequence[Example], labels: Sequence[str], wha
         raise DataError(f"{what}: no examples labelled {missing}; training needs every label")
 
 
-# ------------------------------------------------------------------ fitting to a token budget
-def _cut_middle(ids: list[int], keep: int) -> tuple[list[int], list[int]]:
-    head = keep // 3
-    return ids[:head], ids[len(ids) - (keep - head):]
-
-
-def fit_messages(
-    contract: PromptContract,
-    messages: Sequence[Mapping[str, str]],
-    policy: PolicyPrompt,
-    max_tokens: int | None,
-) -> list[dict[str, str]]:
-    """The conversation shortened so the whole prompt fits ``max_tokens``.
-
-    Keeps the end: older messages are dropped first (the last two always stay: typically the
-    request and the reply under judgement); then the longest messages lose their middle (a third
-    of the kept budget from the head, the rest from the tail, joined by `` [...] ``).
-    """
-    msgs = [dict(m) for m in messages]
-    if not max_tokens:
-        return msgs
-    suffix = len(contract.suffix_ids(policy))
-    total = len(contract.prefix_ids(msgs)) + suffix
-    while total > max_tokens and len(msgs) > 2:
-        msgs.pop(0)
-        total = len(contract.prefix_ids(msgs)) + suffix
-    tok = contract.tokenizer
-    original = [dict(m) for m in msgs]
-    ids = [tok(m["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"] for m in original]
-    mark = len(tok(TRUNCATION_MARK, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-    lengths = [len(t) for t in ids]
-    overshoot, slack = total - max_tokens, 0
-    if total <= max_tokens:
-        return msgs
-    for _ in range(8):
-        budget = max(sum(lengths) - overshoot - slack, len(msgs) * 8)
-        cap = _water_level(lengths, budget)
-        msgs = [dict(m) for m in original]
-        for i, t in enumerate(ids):
-            if len(t) > cap:
-                head, tail = _cut_middle(t, max(cap - mark, 2))
-                msgs[i]["content"] = tok.decode(head) + TRUNCATION_MARK + tok.decode(tail)
-        total = len(contract.prefix_ids(msgs)) + suffix
-        if total <= max_tokens:
-            return msgs
-        slack += total - max_tokens + 1  # re-tokenising at the cuts can add a token or two
-    raise DataError(f"cannot fit the conversation into {max_tokens} prompt tokens")
-
-
-def _water_level(lengths: Sequence[int], budget: int) -> int:
-    """Largest cap c with sum(min(length, c)) <= budget."""
-    lo, hi = 0, max(lengths)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(min(n, mid) for n in lengths) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def encode(
     contract: PromptContract,
     example: Example,
     policy: PolicyPrompt,
     label_ids: Sequence[int],
-    max_tokens: int | None,
 ) -> Encoded:
-    messages = fit_messages(contract, example.messages, policy, max_tokens)
-    prompt = contract.build(messages, policy)
+    """The example as served: the contract's length rule fits long conversations."""
+    prompt = contract.build(example.messages, policy)
     index = list(policy.labels).index(example.label)
     return Encoded(prompt.prefix, prompt.suffix, prompt.activation_start, label_ids[index], index)
 
@@ -218,13 +153,12 @@ def encode_all(
     contract: PromptContract,
     examples: Sequence[Example],
     policy: PolicyPrompt,
-    max_tokens: int | None,
 ) -> list[Encoded]:
     label_ids = contract.label_token_ids(policy.labels)
     out: list[Encoded] = []
     for i, ex in enumerate(examples):
         try:
-            out.append(encode(contract, ex, policy, label_ids, max_tokens))
+            out.append(encode(contract, ex, policy, label_ids))
         except ContractError as exc:
             where = ex.id or f"example {i}"
             raise DataError(f"{where}: {exc}") from None

@@ -112,7 +112,7 @@ def run(job: TrainJob) -> TrainOutcome:
     if job.continue_from is not None:
         config, previous = config_for_continuation(Path(job.continue_from), config)
     config.check()
-    contract = PromptContract.from_pretrained(job.model_dir)
+    contract = PromptContract.from_pretrained(job.model_dir, max_conversation_tokens=config.max_conversation_tokens)
     policy = job.policy
     try:
         label_ids = contract.label_token_ids(policy.labels)
@@ -122,8 +122,8 @@ def run(job: TrainJob) -> TrainOutcome:
         raise DataError(f"block label {policy.block_label!r} is not one of the labels {list(policy.labels)}")
     prompt = policy.prompt()
     check_labels_present(job.train, policy.labels, "training data")
-    train_data = encode_all(contract, job.train, prompt, config.max_prompt_tokens)
-    val_data = encode_all(contract, job.validation, prompt, config.max_prompt_tokens) if job.validation else []
+    train_data = encode_all(contract, job.train, prompt)
+    val_data = encode_all(contract, job.validation, prompt) if job.validation else []
 
     base_fp = fingerprint(Path(job.model_dir))
     spec = spec_from(config, prompt, contract)
@@ -188,6 +188,7 @@ def run(job: TrainJob) -> TrainOutcome:
         method=config.method,  # type: ignore[arg-type]
         base_model=BaseModelRef(name=Path(job.model_dir).name, fingerprint=base_fp),
         invocation_ids=list(spec.invocation_ids) if spec.invocation_ids else None,
+        max_conversation_tokens=contract.max_conversation_tokens,
         training=training,
     )
     write_manifest(folder, manifest)

@@ -21,7 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from guardkit_server.policies.contract import PolicyPrompt, PromptContract
+from guardkit_server.policies.contract import (
+    DEFAULT_MAX_CONVERSATION_TOKENS,
+    PolicyPrompt,
+    PromptContract,
+)
 from guardkit_server.training.examples import DataError, Encoded
 from guardkit_server.training.forward import answer_logits, label_log_probs
 from guardkit_server.training.lowrank import (
@@ -58,7 +62,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
-    max_prompt_tokens: int | None = 512
+    max_conversation_tokens: int = DEFAULT_MAX_CONVERSATION_TOKENS  # the contract's length rule
     compute_dtype: str = "fp32"  # "bf16": bf16 base weights + autocast (fast on CPUs with AMX)
     fast: bool = True  # prefix without gradients for activated methods
     eval_every: int = 50

@@ -51,7 +51,7 @@ def toy_batch(contract, n: int = 5):
 
     examples = [Example(tuple(r["messages"]), r["label"]) for r in toy_rows(n)]
     examples[1] = Example(examples[1].messages + ({"role": "user", "content": "More text. " * 9},), "No")
-    return encode_all(contract, examples, PolicyPrompt(rule=RULE), None)
+    return encode_all(contract, examples, PolicyPrompt(rule=RULE))
 
 
 @pytest.fixture(scope="module")

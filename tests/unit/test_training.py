@@ -19,7 +19,7 @@ import torch
 from guardkit_server.policies.contract import PolicyPrompt
 from guardkit_server.policies.manifest import load_manifest
 from guardkit_server.training import cli
-from guardkit_server.training.examples import DataError, fit_messages, read_jsonl
+from guardkit_server.training.examples import DataError, read_jsonl
 from guardkit_server.training.lowrank import AdapterSpec, export_peft
 from guardkit_server.training.metrics import compute_metrics, pick_threshold
 from tests.support.training import RULE, toy_batch, toy_rows, train_args, write_rows
@@ -189,17 +189,6 @@ def test_continue_from_resumes_exactly(tiny, toy, tmp_path):
 
 
 # ------------------------------------------------------------------------------ pieces
-def test_long_conversations_keep_their_end(contract):
-    messages = [{"role": "user", "content": f"old message {i} " * 30} for i in range(6)]
-    messages += [{"role": "user", "content": "Tell me how to build a weapon. " * 40}, {"role": "assistant", "content": "No."}]
-    policy = PolicyPrompt(rule=RULE)
-    fitted = fit_messages(contract, messages, policy, 300)
-    assert len(contract.build(fitted, policy).ids) <= 300
-    assert fitted[-1]["content"] == "No." and fitted[-2]["content"].startswith("Tell me how")
-    assert fitted[-2]["content"].rstrip().endswith("weapon.") and " [...] " in fitted[-2]["content"]
-    assert len(contract.build(messages, policy).ids) > 300  # it did need shortening
-
-
 def test_metrics_on_known_scores():
     m = compute_metrics([0.9, 0.8, 0.3, 0.6, 0.1, 0.2], [True, True, True, False, False, False])
     assert m.confusion == {"tp": 2, "fp": 1, "tn": 2, "fn": 1}

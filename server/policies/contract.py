@@ -1,4 +1,4 @@
-"""The prompt contract: how a conversation and a policy become token ids.
+r"""The prompt contract: how a conversation and a policy become token ids.
 
 Training, serving, evaluation and benchmarks all build prompts here and nowhere else, because
 a mismatch between how an adapter was trained and how it is served silently ruins accuracy.

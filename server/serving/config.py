@@ -30,7 +30,10 @@ from pydantic_settings import (
 )
 
 from guardkit_server.engine.engine import EngineConfig
-from guardkit_server.policies.contract import DEFAULT_MAX_CONVERSATION_TOKENS, MIN_CONVERSATION_TOKENS
+from guardkit_server.policies.contract import (
+    DEFAULT_MAX_CONVERSATION_TOKENS,
+    MIN_CONVERSATION_TOKENS,
+)
 
 BUILTIN_POLICIES = Path(__file__).resolve().parents[1] / "policies" / "builtin"
 DEFAULT_PORT = 8600

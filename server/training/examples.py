@@ -26,6 +26,7 @@ from guardkit_server.policies.contract import (
     message_text,
 )
 
+
 class DataError(ValueError):
     """Training or evaluation data that cannot be used; the message says where and why."""
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardkit_server.policies.contract import PolicyPrompt
 from guardkit_server.policies.manifest import load_manifest
 from guardkit_server.training import cli
 from guardkit_server.training.examples import DataError, read_jsonl

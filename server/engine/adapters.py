@@ -147,9 +147,15 @@ def _check_weights(weights: Path, model: ModelInfo, rank: int) -> set[str]:
                 raise AdapterError(f"{weights}: the adapter has no weights")
             for key in keys:
                 parts = key.split(".")
-                module = next((p for p in parts if p in _PROJECTIONS), None)
-                if module is None or ("lora_A" not in parts and "lora_B" not in parts):
+                if "lora_A" not in parts and "lora_B" not in parts:
                     continue
+                module = next((p for p in parts if p in _PROJECTIONS), None)
+                if module is None:
+                    # e.g. lm_head or embed_tokens: would change the label logits guardkit reads
+                    raise AdapterError(
+                        f"{weights}: {key} adapts a module other than the attention and MLP "
+                        "projections; guardkit adapters adapt those only"
+                    )
                 targets.add(module)
                 if layers is not None and "layers" in parts:
                     layer = int(parts[parts.index("layers") + 1])

@@ -93,6 +93,22 @@ async def test_alora_adapters_together_match_peft(engine, tiny, contract, loaded
         assert sum(result.probabilities) == pytest.approx(1.0)
 
 
+async def test_scores_are_the_same_alone_and_in_a_batch_of_16(engine, contract, loaded):
+    """Exact scores: one request alone and the same request inside a batch of 16 (another
+    tenant's cache namespace, so the batch computes everything again) agree to 1e-5."""
+    adapters, _ = loaded
+    labels = contract.label_token_ids()
+    policy = PolicyPrompt(rule="No harm.")
+    prompts = [contract.build(conversation(turns=i % 4), policy).ids for i in range(16)]
+    alone = [await engine.evaluate(Evaluation(p, labels, adapter=adapters[0], cache_salt="alone")) for p in prompts]
+    batch = await engine.evaluate_many([Evaluation(p, labels, adapter=adapters[0], cache_salt="batch") for p in prompts])
+    for one, many in zip(alone, batch):
+        assert not isinstance(many, BaseException), many
+        assert many.cached_tokens < one.prompt_tokens  # really computed again
+        assert many.probabilities == pytest.approx(one.probabilities, abs=1e-5)
+    assert len({round(r.probabilities[0], 9) for r in alone}) == 16  # continuous, no ties
+
+
 async def test_plain_lora_matches_peft(engine, tiny, contract, loaded):
     _, lora = loaded
     labels = contract.label_token_ids()

@@ -26,6 +26,9 @@ SIGNATURES = {
     "generate_block_hash_extra_keys": ["request", "start_token_idx", "end_token_idx", "start_mm_idx"],
     "InputBatch.make_lora_inputs": ["self", "num_scheduled_tokens", "num_sampled_tokens"],
     "InputBatch.remove_request": ["self", "req_id"],
+    "InputBatch.add_request": ["self", "request"],
+    "LogitsProcessor._get_logits": ["self", "hidden_states", "lm_head", "embedding_bias"],  # then optional ones
+    "LogitsProcessorWithLoRA._get_logits": ["self", "hidden_states", "lm_head", "embedding_bias"],
 }
 
 
@@ -92,7 +95,7 @@ def test_every_patch_target_exists(build):
             problems.append(f"{module}.{path} is missing")
             continue
         want = SIGNATURES.get(path)
-        if want is not None and [a.arg for a in node.args.args] != want:  # type: ignore[attr-defined]
+        if want is not None and [a.arg for a in node.args.args][: len(want)] != want:  # type: ignore[attr-defined]
             problems.append(f"{module}.{path} takes {[a.arg for a in node.args.args]}, not {want}")  # type: ignore[attr-defined]
     assert not problems, f"{build}: " + "; ".join(problems)
 

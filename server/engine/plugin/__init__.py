@@ -22,7 +22,7 @@ def register() -> None:
     global _registered
     if _registered or not enabled():
         return
-    from guardkit_server.engine.plugin import cpu_lora, patches
+    from guardkit_server.engine.plugin import cpu_lora, exact_labels, patches
 
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true"):
         raise patches.PatchTargetMissing(
@@ -37,6 +37,8 @@ def register() -> None:
     patches.patch_input_processor()
     patches.patch_block_hashing()
     patches.patch_lora_mapping()
+    exact_labels.patch_label_ids()
+    exact_labels.patch_exact_logits()
     if os.environ.get("GUARDKIT_FAST_CPU_LORA", "1") != "0":
         cpu_lora.patch_cpu_punica()
     _exit_with_parent()

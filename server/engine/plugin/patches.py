@@ -36,6 +36,10 @@ TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.core.kv_cache_utils", "generate_block_hash_extra_keys"),
     ("vllm.v1.worker.gpu_input_batch", "InputBatch.make_lora_inputs"),
     ("vllm.v1.worker.gpu_input_batch", "InputBatch.remove_request"),
+    # exact_labels.py: label logits in float32
+    ("vllm.v1.worker.gpu_input_batch", "InputBatch.add_request"),
+    ("vllm.model_executor.layers.logits_processor", "LogitsProcessor._get_logits"),
+    ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA._get_logits"),
 )
 
 

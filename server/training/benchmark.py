@@ -5,6 +5,7 @@
     python -m guardkit_server.training.benchmark eval     # through the engine, writes JSON
     python -m guardkit_server.training.benchmark report   # markdown tables and plots
     python -m guardkit_server.training.benchmark install  # copy the aLoRA policies into --target
+    python -m guardkit_server.training.benchmark robustness  # suites through a real guardkit-server
 
 Training runs are ordinary ``guardkit-server train`` invocations with one shared set of
 hyper-parameters per method (LoRA uses aLoRA's, as the aLoRA paper compares them); evaluation goes
@@ -41,7 +42,7 @@ BUILTIN_DIR = Path("server") / "policies" / "builtin"
 METHODS = ("alora", "lora", "curlora")
 # Shared by every policy and recipe.
 COMMON = ["--rank", "8", "--epochs", "2", "--batch-size", "8", "--dtype", "bf16", "--save-dtype", "bf16",
-          "--seed", "0", "--eval-every", "50", "--warmup", "20"]
+          "--seed", "0", "--eval-every", "0", "--warmup", "20"]
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # One recipe (method + its hyper-parameters) per name, shared by every policy. The first three are
 # the paper's comparison; "alora-mlp" also adapts the MLP: aLoRA changes only the few tokens of the
@@ -351,7 +352,7 @@ def shipped_recipe(policy: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install"))
+    parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install", "robustness"))
     parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
     parser.add_argument("--method", action="append", choices=list(RECIPES), help="a recipe (default: the three methods; eval: every trained one)")
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
@@ -363,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=Path,
                         help=f"install: folder of the built-in policies to write (default: "
                         f"./{BUILTIN_DIR.as_posix()}, which must exist: the repository root's)")
+    parser.add_argument("--policies", type=Path, help="robustness: the policy folder to judge with (default: the built-ins)")
+    parser.add_argument("--url", help="robustness: a running guardkit-server with those policies (default: start one)")
+    parser.add_argument("--limit", type=int, help="robustness: about this many cases, evenly spread (a quick look)")
     args = parser.parse_args(argv)
     if args.stage == "train":
         train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS))
@@ -375,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_continual(args.stage_filter, args.out_dir)
     elif args.stage == "report":
         report(args.out_dir)
+    elif args.stage == "robustness":
+        from guardkit_server.training.robustness import run
+
+        run(args.out_dir, args.policies, args.url, args.limit)
     else:
         install(args.target, args.out_dir)
     return 0

@@ -9,7 +9,12 @@ in every policy's test split, and no training run (continual ones included) sees
    member's normalised text, so adding a source never moves existing groups;
 3. jailbreak templates are filled with a request from their own split;
 4. each policy takes the items it has a clear label for, capped per source and label by a
-   seeded hash rank (hard negatives first: they are never capped).
+   seeded hash rank (hard negatives first: they are never capped);
+5. every item becomes one production-shaped variant (``traffic.py``: at a later turn, under a
+   system prompt, inside a tool result, wrapped in role-spoofing text, behind a long history)
+   built from handwritten material of the item's own split, and the split gains the material's
+   own benign and attack conversations. ``DatasetSplits.items`` keeps the items as they were,
+   for the robustness suites.
 
 Nothing here is random at run time; the same packages give byte-identical splits (their digests
 are recorded in the provenance and in each trained policy's manifest).
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from guardkit_server.training.examples import Example, write_jsonl
+from guardkit_server.training.traffic import material_digest, shape_splits
 from guardkit_server.training.sources import (
     FILL,
     HARMFUL_COMPLIANCE,
@@ -40,7 +46,7 @@ from guardkit_server.training.sources import (
     package_version,
 )
 
-SPLIT_VERSION = "v1"
+SPLIT_VERSION = "v2"  # v2: production-shaped (traffic.py)
 SPLIT_SEED = "guardkit-splits-v1"
 SPLITS = ("train", "validation", "test")
 FRACTIONS = (0.70, 0.15)  # train, validation; the rest is test
@@ -256,7 +262,9 @@ def _fill_templates(items: list[Item], split: list[str]) -> None:
 class DatasetSplits:
     name: str
     policy: BuiltinPolicy
-    splits: dict[str, list[Example]]
+    splits: dict[str, list[Example]]  # production-shaped: what training and evaluation use
+    items: dict[str, list[Example]] = field(default_factory=dict)  # the items as in their sources
+    attacks: dict[str, list[str]] = field(default_factory=dict)  # jailbreak texts per split
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, dict[str, int]]:
@@ -290,18 +298,30 @@ def select(pool: Pool, policy: BuiltinPolicy) -> DatasetSplits:
         s = pool.split[i]
         splits[s].append(Example(tuple(it.messages), it.labels[policy.name], id=it.id, source=it.source))
         counts[s][f"{it.source}:{it.labels[policy.name]}"] += 1
-    result = DatasetSplits(policy.name, policy, splits)
+    attacks = attack_texts(pool)
+    result = DatasetSplits(policy.name, policy, shape_splits(policy.name, splits, attacks), splits, attacks)
     result.provenance = {
         "dataset": policy.name,
         "split_version": SPLIT_VERSION,
         "split_seed": SPLIT_SEED,
         "fractions": {"train": FRACTIONS[0], "validation": FRACTIONS[1], "test": round(1 - sum(FRACTIONS), 2)},
         "sizes": result.sizes(),
+        "items": {s: len(exs) for s, exs in splits.items()},
+        "traffic_material": material_digest(),
         "by_source": {s: dict(sorted(c.items())) for s, c in counts.items()},
-        "digests": {s: digest(exs) for s, exs in splits.items()},
+        "digests": {s: digest(exs) for s, exs in result.splits.items()},
         "sources": {name: pool.sources[name] for name in sorted({src for src, _ in policy.recipe})},
     }
     return result
+
+
+def attack_texts(pool: Pool, max_chars: int = 1500) -> dict[str, list[str]]:
+    """Single-message jailbreak texts per split: what the attack discussions quote."""
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for it, s in zip(pool.items, pool.split):
+        if it.labels.get(JAILBREAK) == "Yes" and len(it.messages) == 1 and len(it.messages[0]["content"]) <= max_chars:
+            out[s].append(it.messages[0]["content"])
+    return out
 
 
 def digest(examples: Sequence[Example]) -> str:

@@ -318,6 +318,16 @@ class PromptContract:
         return self.chat_format.user_open
 
     @cached_property
+    def _head(self) -> list[int]:
+        fmt = self.chat_format
+        return [*fmt.opening, *self._data(self.system_prompt), *fmt.system_close]
+
+    @property
+    def max_prefix_len(self) -> int:
+        """The longest prefix the length rule lets through (the reviewer prompt included)."""
+        return len(self._head) + self.max_conversation_tokens
+
+    @cached_property
     def _cut_mark(self) -> list[int]:
         return self._data(CUT_MARK)
 
@@ -372,8 +382,7 @@ class PromptContract:
             raise ContractError("the conversation must be a list of messages")
         if not messages:
             raise ContractError("the conversation is empty")
-        fmt = self.chat_format
-        head = [*fmt.opening, *self._data(self.system_prompt), *fmt.system_close]
+        head = self._head
         parsed = [self._message(m, i) for i, m in enumerate(messages)]
         turns, omitted, cut = self._fit(parsed)
         return ConversationIds(

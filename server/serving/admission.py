@@ -1,16 +1,21 @@
 """Admission control: a call is either admitted and finished, or refused at once.
 
 Without it a burst larger than the engine can serve queues inside vLLM until every call's
-deadline passes, and all of them fail closed after the full wait. Here the server counts the
-policy evaluations in flight and:
+deadline passes, and all of them fail closed after the full wait. Here the server keeps the
+work it has accepted -- each call's *cost*, its prompt tokens (the shared prefix once, plus
+every policy's suffix) -- and the rate at which the engine gets through that cost, and:
 
 * refuses a call immediately (``Overloaded`` -> HTTP 429 with ``Retry-After``) when the time
-  until its evaluations are done -- the work in flight and queued ahead of it plus its own,
-  at the throughput measured over the last seconds (the last measurement is kept across idle
-  moments) -- would not fit its deadline, or when it would have to queue and the queue is full;
-  this is checked before any work is spent on the call (tokenizing);
+  until it is done -- the cost accepted before it plus its own, at the measured rate -- would
+  not fit its deadline, or when it would have to queue and the queue is full;
 * otherwise runs it at once while the engine has room (``capacity`` evaluations in flight), or
   queues it, first come, first served.
+
+The rate starts from a start-up probe of the engine (``probe_rate``), so the first calls of a
+burst are judged too, and then follows the calls that finish with every verdict in time: calls
+that missed their deadline add their busy time but not their cost, so a struggling engine looks
+slower, never faster. Cached prefixes make real calls cheaper than their cost; measuring the
+rate in the same unit makes that part of the rate instead of an error in the estimate.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import collections
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
-# Throughput is measured over this window of recent completions.
+# The rate is measured over this window of recent completions.
 _WINDOW_S = 10.0
-# A queued call is refused up front when its expected wait exceeds this share of its deadline.
+# A call is refused up front when its expected time exceeds this share of its deadline.
 _DEADLINE_SHARE = 0.8
+# The smallest call (one policy on a short conversation), for the check before parsing a body.
+MIN_CALL_COST = 64
 
 
 class Overloaded(Exception):
@@ -36,73 +44,96 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+@dataclass
+class Ticket:
+    """An admitted call; ``finished(ok)`` says whether every evaluation came back in time."""
+
+    size: int
+    cost: int
+    ok: bool = True
+
+    def finished(self, ok: bool) -> None:
+        self.ok = ok
+
+
 class Admission:
-    def __init__(self, capacity: int, queue: int) -> None:
+    def __init__(self, capacity: int, queue: int, rate: float | None = None) -> None:
+        """``rate``: cost the engine gets through per second, from a start-up probe."""
         if capacity < 1 or queue < 0:
             raise ValueError("capacity >= 1 and queue >= 0")
         self.capacity = capacity  # evaluations in flight in the engine
         self.queue = queue  # evaluations waiting for room
         self.in_flight = 0
         self.waiting = 0
+        self.outstanding_cost = 0  # accepted and not finished: running and queued
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-        self._done: collections.deque[tuple[float, int]] = collections.deque()  # (time, evals)
+        self._done: collections.deque[tuple[float, int]] = collections.deque()  # (time, cost)
         self._busy_since: float | None = None
-        self._last_rate: float | None = None  # kept across idle moments
+        self._stalled_at = 0.0
+        self._rate = rate  # the last measurement, kept across idle moments
 
     # -------------------------------------------------------------- measurement
-    def throughput(self) -> float | None:
-        """Evaluations finished per second while busy, over the last window (None: unknown)."""
+    def rate(self) -> float | None:
+        """Cost finished per second while busy, over the last window (None: unknown)."""
         now = time.monotonic()
         while self._done and self._done[0][0] < now - _WINDOW_S:
             self._done.popleft()
-        if not self._done or self._busy_since is None:
-            return self._last_rate
+        if self._busy_since is None:
+            return self._rate
         span = now - max(self._busy_since, now - _WINDOW_S)
-        if span < 0.5:
-            return self._last_rate
-        self._last_rate = sum(n for _, n in self._done) / span
-        return self._last_rate
+        if self._done and span >= 1.0:
+            self._rate = sum(cost for _, cost in self._done) / span
+        elif not self._done and self._rate and now - max(self._busy_since, self._stalled_at) >= _WINDOW_S:
+            self._stalled_at = now  # busy a whole window, nothing finished in time: slower
+            self._rate /= 2
+        return self._rate
 
-    def expected_wait_s(self, evaluations: int) -> float | None:
-        """Until this call's evaluations are done, if they join the line now (None: unknown)."""
-        rate = self.throughput()
-        if rate is None or rate <= 0:
+    def expected_time_s(self, cost: int) -> float | None:
+        """Until a call of this cost would be done if it joined now (None: unknown rate)."""
+        rate = self.rate()
+        if not rate or rate <= 0:
             return None
-        return (self.in_flight + self.waiting + evaluations) / rate
+        return (self.outstanding_cost + cost) / rate
 
-    def refuse_early(self, evaluations: int, deadline_s: float) -> None:
-        """Raise ``Overloaded`` now, before any work on the call, when ``admit`` would."""
+    def refuse_early(self, evaluations: int, cost: int, deadline_s: float) -> None:
+        """Raise ``Overloaded`` now, before more work on the call, when ``admit`` would."""
         size = min(evaluations, self.capacity)
         must_wait = self.in_flight + size > self.capacity or bool(self._waiters)
         if must_wait and self.waiting + size > self.queue:
             raise Overloaded(
                 f"guardkit-server is at capacity ({self.in_flight} policy evaluations running, "
                 f"{self.waiting} queued); retry shortly",
-                self._retry_after(size),
+                self._retry_after(cost),
             )
-        wait = self.expected_wait_s(size) if must_wait else None
-        if wait is not None and wait > deadline_s * _DEADLINE_SHARE:
+        expected = self.expected_time_s(cost)
+        if expected is not None and expected > deadline_s * _DEADLINE_SHARE and self.outstanding_cost:
             raise Overloaded(
-                f"guardkit-server is busy: the expected time for this call ({wait:.1f} s) exceeds "
+                f"guardkit-server is busy: the expected time for this call ({expected:.1f} s) exceeds "
                 f"its deadline ({deadline_s:.1f} s); retry shortly",
-                self._retry_after(size),
+                self._retry_after(cost),
             )
 
     # ---------------------------------------------------------------- admission
     @contextlib.asynccontextmanager
-    async def admit(self, evaluations: int, deadline_s: float) -> AsyncIterator[None]:
-        """Hold room for ``evaluations`` while the body runs; raise ``Overloaded`` at once if
-        the call cannot get room within its deadline."""
+    async def admit(self, evaluations: int, cost: int, deadline_s: float) -> AsyncIterator[Ticket]:
+        """Hold room for the call while the body runs; raise ``Overloaded`` at once if it cannot
+        finish within its deadline. The body reports ``ticket.finished(ok)``."""
         size = min(evaluations, self.capacity)  # a call larger than the engine runs alone
-        self.refuse_early(evaluations, deadline_s)
-        if self.in_flight + size > self.capacity or self._waiters:
-            await self._wait(size, deadline_s)
-        else:
-            self._take(size)
+        self.refuse_early(evaluations, cost, deadline_s)
+        ticket = Ticket(size, cost)
+        self.outstanding_cost += cost
         try:
-            yield
+            if self.in_flight + size > self.capacity or self._waiters:
+                await self._wait(size, deadline_s)
+            else:
+                self._take(size)
+        except BaseException:
+            self.outstanding_cost -= cost
+            raise
+        try:
+            yield ticket
         finally:
-            self._release(size)
+            self._release(ticket)
 
     async def _wait(self, size: int, deadline_s: float) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -113,7 +144,7 @@ class Admission:
             await asyncio.wait_for(asyncio.shield(future), timeout=deadline_s)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             if future.done() and not future.cancelled():
-                self._release(size)  # room was granted just as we gave up
+                self._give_back(size)  # room was granted just as we gave up
             else:
                 future.cancel()
                 self._waiters.remove(entry)
@@ -122,14 +153,19 @@ class Admission:
         # _grant moved our size from waiting to in_flight
 
     def _take(self, size: int) -> None:
-        if self.in_flight == 0:
+        if self.in_flight == 0 and self._busy_since is None:
             self._busy_since = time.monotonic()
         self.in_flight += size
 
-    def _release(self, size: int) -> None:
+    def _release(self, ticket: Ticket) -> None:
+        self.outstanding_cost -= ticket.cost
+        if ticket.ok:
+            self._done.append((time.monotonic(), ticket.cost))
+        self.rate()  # measured while still busy, kept for after an idle moment
+        self._give_back(ticket.size)
+
+    def _give_back(self, size: int) -> None:
         self.in_flight -= size
-        self._done.append((time.monotonic(), size))
-        self.throughput()  # measured while still busy, kept for after an idle moment
         self._grant()
         if self.in_flight == 0 and not self._waiters:
             self._busy_since = None
@@ -143,10 +179,17 @@ class Admission:
             self._take(size)
             future.set_result(None)
 
-    def _retry_after(self, size: int) -> float:
-        """About when the work ahead of a call of this size will have drained."""
-        rate = self.throughput()
-        if rate is None or rate <= 0:
+    def _retry_after(self, cost: int) -> float:
+        """About when the work ahead of a call of this cost will have drained."""
+        rate = self.rate()
+        if not rate or rate <= 0:
             return 1.0
-        ahead = max(0, self.in_flight + self.waiting + size - self.capacity)
-        return max(0.1, min(30.0, math.ceil(ahead / rate * 10) / 10))
+        return max(0.1, min(30.0, math.ceil((self.outstanding_cost + cost) / rate * 10) / 10))
+
+
+async def probe_rate(evaluate: Callable[[int], Awaitable[float]], tokens: int = 512) -> float:
+    """Cost per second from a cold evaluation of ``tokens`` tokens (``evaluate(n)`` returns its
+    seconds), after one warm-up: one request alone is slower than a batch -- a cautious start."""
+    await evaluate(tokens // 4)
+    seconds = await evaluate(tokens)
+    return tokens / max(seconds, 1e-3)

@@ -108,8 +108,11 @@ class FanOut:
                 status=413,
                 param="messages",
             )
-        # An overloaded server says so before spending any work (tokenizing) on the call.
-        self.admission.refuse_early(len(policies), timeout_s)
+        # An overloaded server says so before spending any work (tokenizing) on the call: its
+        # cost from the characters (at most a token per character; a third of that is typical
+        # for English, so this errs toward admitting) until the tokens are known.
+        suffixes = sum(len(p.suffix_ids) for p in policies)
+        self.admission.refuse_early(len(policies), min(chars // 3, self.contract.max_conversation_tokens) + suffixes, timeout_s)
         try:
             conversation = await asyncio.get_running_loop().run_in_executor(
                 self._tokenizer_thread, judged_conversation, self.contract, request
@@ -128,9 +131,10 @@ class FanOut:
         tokenized = time.perf_counter()
         remaining = timeout_s - (tokenized - started)
         try:
-            async with self.admission.admit(len(policies), remaining):
+            async with self.admission.admit(len(policies), len(prefix) + suffixes, remaining) as ticket:
                 left = timeout_s - (time.perf_counter() - started)
                 results = await self._evaluate(prefix, policies, tenant, left)
+                ticket.finished(not any(isinstance(r, TimeoutError) for r in results))
         except asyncio.TimeoutError:  # the deadline passed while queued
             results = [TimeoutError(f"no room in the engine within the {timeout_s * 1000:.0f} ms deadline")] * len(policies)
         finished = time.perf_counter()

@@ -60,6 +60,14 @@ class Metrics:
             "guardkit_engine_up", "1 while the engine serves, 0 while starting or after it died",
             registry=r,
         )
+        self.admission_rate = Gauge(
+            "guardkit_admission_rate", "Prompt tokens (call cost) the engine gets through per second, "
+            "as admission control measures it", registry=r,
+        )
+        self.admission_outstanding = Gauge(
+            "guardkit_admission_outstanding_tokens", "Cost of the calls admitted and not finished",
+            registry=r,
+        )
 
     def observe_call(self, result: GuardResult) -> None:
         outcome = "blocked" if result.blocked else ("error" if result.errored else "allowed")

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from guardkit_server.engine.adapters import ModelInfo
 from guardkit_server.engine.assets import ModelNotFoundError, resolve_model
-from guardkit_server.engine.engine import Engine
+from guardkit_server.engine.engine import Engine, Evaluation
 from guardkit_server.policies.checker import CheckedPolicy, PolicyChecker
 from guardkit_server.policies.contract import PromptContract
 from guardkit_server.policies.manifest import PolicyError
 from guardkit_server.policies.registry import PolicyRegistry
-from guardkit_server.serving.admission import Admission
+from guardkit_server.serving.admission import Admission, probe_rate
 from guardkit_server.serving.config import BUILTIN_POLICIES, ServerSettings
 from guardkit_server.serving.fanout import FanOut
 from guardkit_server.serving.metrics import Metrics
@@ -93,6 +94,14 @@ class ServerRuntime:
             policies = {d: checker.check_directory(d) for d in self.policy_dirs()}
         except PolicyError as exc:
             raise StartupError(str(exc)) from None
+        suffix = max((len(p.suffix_ids) for found in policies.values() for p in found), default=64)
+        needed = contract.max_prefix_len + suffix + 1
+        if c.engine.max_model_len < needed:
+            raise StartupError(
+                f"--max-model-len {c.engine.max_model_len} is too short for conversations of "
+                f"--max-conversation-tokens {c.max_conversation_tokens}: the longest prompt is "
+                f"{needed} tokens with the reviewer prompt and the policy turn"
+            )
         self.model_name = model.name
         self._prepared = _Prepared(model_path, model, contract, checker, policies)
 
@@ -123,6 +132,10 @@ class ServerRuntime:
             except PolicyError as exc:
                 raise StartupError(str(exc)) from None
         capacity = c.max_inflight_evaluations or engine_config.max_num_seqs
+        try:
+            rate = await probe_rate(self._probe)
+        except Exception as exc:
+            raise StartupError(f"the engine failed its start-up probe: {exc}") from None
         self.fanout = FanOut(
             self.engine, self.registry, p.contract, self.metrics,
             max_policies_per_call=c.max_policies_per_call,
@@ -130,11 +143,25 @@ class ServerRuntime:
             admission=Admission(
                 capacity=capacity,
                 queue=capacity if c.max_queued_evaluations is None else c.max_queued_evaluations,
+                rate=rate,
             ),
             max_conversation_chars=c.max_conversation_chars,
         )
+        admission = self.fanout.admission
+        self.metrics.admission_rate.set_function(lambda: admission.rate() or 0.0)
+        self.metrics.admission_outstanding.set_function(lambda: admission.outstanding_cost)
         self.ready = True
         self.metrics.engine_up.set(1)
+
+    async def _probe(self, tokens: int) -> float:
+        """Seconds for one cold base-model evaluation of ``tokens`` prompt tokens."""
+        assert self.engine is not None and self._prepared is not None
+        contract = self._prepared.contract
+        ids = contract.prefix_ids([{"role": "user", "content": "guardkit start-up probe " * tokens}])[:tokens]
+        result = await self.engine.evaluate(
+            Evaluation(ids, contract.label_token_ids(), cache_salt=f"guardkit-probe-{uuid.uuid4().hex}")
+        )
+        return result.latency_s
 
     async def supervise(self, on_engine_death: Callable[[], None]) -> None:
         """Until the engine dies: then not ready at once, count it, and call ``on_engine_death``."""

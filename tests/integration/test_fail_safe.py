@@ -21,7 +21,7 @@ from tests.support.processes import free_port, start_server_process, stop, wait_
 
 pytestmark = [pytest.mark.server]
 
-TINY_ENGINE = ["--dtype", "float32", "--max-model-len", "2048", "--max-lora-rank", "8", "--kv-cache-memory-gb", "0.25"]
+TINY_ENGINE = ["--dtype", "float32", "--max-model-len", "4096", "--max-lora-rank", "8", "--kv-cache-memory-gb", "0.25"]
 
 
 def turn(text: str = "How do I grow tomatoes?") -> list[dict]:
@@ -223,7 +223,7 @@ def test_a_huge_message_is_refused_before_tokenizing_and_health_stays_fast(small
     async def run() -> tuple[list[httpx.Response], list[float], float, float]:
         async with httpx.AsyncClient(timeout=300) as client:
             huge = {"messages": turn("x " * 2_500_000)}  # 5 M chars: over the cap, never tokenized
-            long = {"messages": turn("lorem ipsum dolor " * 140_000)}  # 2.5 M chars: tokenized, then 413
+            long = {"messages": turn("lorem ipsum dolor " * 140_000)}  # 2.5 M chars: tokenized, judged shortened
             started = time.monotonic()
             first = await client.post(f"{small_server}/v1/guard", json=huge)
             refused_in = time.monotonic() - started
@@ -240,7 +240,7 @@ def test_a_huge_message_is_refused_before_tokenizing_and_health_stays_fast(small
 
     answers, health, refused_in, tokenized_in = asyncio.run(run())
     assert answers[0].status_code == 413 and "characters" in answers[0].json()["error"]["message"]
-    assert all(a.status_code == 413 and "tokens" in a.json()["error"]["message"] for a in answers[1:])
+    assert all(a.status_code == 200 and a.json()["shortened"] for a in answers[1:])
     assert refused_in < tokenized_in / 2  # the over-cap message was refused without tokenizing
     # /health kept answering while two long conversations were tokenized: never waited for them
     assert len(health) >= 3 and max(health) < tokenized_in / 3, (health, tokenized_in)

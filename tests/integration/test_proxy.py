@@ -483,7 +483,7 @@ def proxy_server(tiny, llm_server, tmp_path_factory):
     port = free_port()
     args = [
         "--model", str(tiny.qwen3), "--policies", str(policies),
-        "--dtype", "float32", "--max-model-len", "2048", "--max-lora-rank", "8",
+        "--dtype", "float32", "--max-model-len", "4096", "--max-lora-rank", "8",
         "--kv-cache-memory-gb", "0.25", "--api-key", f"tenant-a:{KEY}", "--port", str(port),
         "--upstream", upstream.url, "--upstream-key-env", "GK_TEST_UPSTREAM_KEY",
         "--proxy-check-chars", "16",

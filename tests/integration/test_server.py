@@ -157,11 +157,16 @@ def test_too_many_policies(guard_server):
     assert_serving(guard_server)
 
 
-def test_conversation_longer_than_context(guard_server):
+def test_a_conversation_over_the_length_rule_is_judged_shortened(guard_server, contract):
+    """Longer than the policies' length rule: judged the way they were trained, and says so."""
     long = [{"role": "user", "content": "garden " * 3000}]
     response = guard(guard_server, {"messages": long})
-    assert response.status_code == 413
-    assert "context of 2048 tokens" in response.json()["error"]["message"]
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["shortened"] is True and body["usage"]["cut_messages"] == 1
+    assert body["usage"]["conversation_tokens"] == len(contract.prefix_ids(long)) <= contract.max_prefix_len
+    short = guard(guard_server, {"messages": conversation(0)}).json()
+    assert short["shortened"] is False and short["usage"]["cut_messages"] == short["usage"]["omitted_messages"] == 0
     assert_serving(guard_server)
 
 

@@ -64,7 +64,7 @@ async def engine(tiny: TinyAssets):
 
     eng = Engine(
         EngineConfig(
-            model=str(tiny.qwen3), dtype="float32", max_model_len=2048, max_loras=8,
+            model=str(tiny.qwen3), dtype="float32", max_model_len=4096, max_loras=8,
             max_lora_rank=8, kv_cache_memory_gb=0.25,
         )
     )
@@ -118,7 +118,7 @@ def guard_server(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory):
     log = root / "server.log"
     args = [
         "--model", str(q), "--policies", str(policies),
-        "--dtype", "float32", "--max-model-len", "2048", "--max-lora-rank", "8",
+        "--dtype", "float32", "--max-model-len", "4096", "--max-lora-rank", "8",
         "--kv-cache-memory-gb", "0.25", "--max-policies-per-call", "6",
         "--api-key", "tenant-a:key-a", "--api-key", "tenant-b:key-b",
         "--admin-key", "admin-key",

@@ -55,7 +55,7 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixture
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir), "--served-model-name", LLM_MODEL,
             "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30),
+            "--max-model-len", "4096", "--kv-cache-memory-bytes", str(1 << 30),
             "--max-num-seqs", "8", "--enforce-eager", "--disable-log-stats",
             "--uvicorn-log-level", "warning",
         ],

@@ -1,4 +1,4 @@
-"""Admission control without an engine: room, queue, refusals from measured throughput."""
+"""Admission control without an engine: room, queue, refusals from the measured rate."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from guardkit_server.serving.admission import Admission, Overloaded
+from guardkit_server.serving.admission import Admission, Overloaded, probe_rate
 
 
 def test_calls_run_while_there_is_room_then_queue_then_are_refused():
@@ -17,7 +17,7 @@ def test_calls_run_while_there_is_room_then_queue_then_are_refused():
 
         async def call(name: str, size: int) -> None:
             try:
-                async with gate.admit(size, deadline_s=30):
+                async with gate.admit(size, 100, deadline_s=30):
                     log.append(f"run {name}")
                     await release.wait()
             except Overloaded as exc:
@@ -29,57 +29,124 @@ def test_calls_run_while_there_is_room_then_queue_then_are_refused():
         await asyncio.sleep(0)
         tasks += [asyncio.ensure_future(call("c", 1))]  # queue full
         await asyncio.sleep(0)
-        assert (gate.in_flight, gate.waiting) == (2, 2)
+        assert (gate.in_flight, gate.waiting, gate.outstanding_cost) == (2, 2, 200)
         release.set()
         await asyncio.gather(*tasks)
-        assert (gate.in_flight, gate.waiting) == (0, 0)
+        assert (gate.in_flight, gate.waiting, gate.outstanding_cost) == (0, 0, 0)
         return log
 
     assert asyncio.run(scenario()) == ["run a", "refused c (1.0)", "run b"]
 
 
-def test_a_call_that_would_miss_its_deadline_is_refused_up_front(monkeypatch):
-    gate = Admission(capacity=100, queue=100)
-    monkeypatch.setattr(gate, "throughput", lambda: 4.0)  # evaluations per second
-    gate.in_flight = 90  # 90 + 16 > 100: the call would have to queue
+def test_a_call_that_would_miss_its_deadline_is_refused_up_front_even_with_room():
+    gate = Admission(capacity=100, queue=100, rate=100.0)  # tokens per second, from the probe
+    gate.outstanding_cost = 1500  # accepted work, not finished
     with pytest.raises(Overloaded, match="exceeds its deadline") as info:
-        gate.refuse_early(16, deadline_s=20)  # (90 + 16) / 4 = 26.5 s > 0.8 * 20
-    assert info.value.retry_after_s == 1.5  # 6 evaluations beyond capacity at 4/s
-    gate.refuse_early(16, deadline_s=40)  # 26.5 s fits a 40 s deadline
+        gate.refuse_early(1, 600, deadline_s=20)  # (1500 + 600) / 100 = 21 s > 0.8 * 20
+    assert info.value.retry_after_s == 21.0
+    gate.refuse_early(1, 600, deadline_s=30)  # 21 s fits a 30 s deadline
+
+
+def test_the_first_calls_of_a_burst_are_judged_by_the_probed_rate():
+    """Before any call has finished, the start-up probe's rate decides: a burst is not let in
+    whole only to time out."""
+
+    async def scenario() -> tuple[int, int]:
+        gate = Admission(capacity=256, queue=256, rate=1000.0)
+        hold = asyncio.Event()
+        admitted = refused = 0
+
+        async def call() -> None:
+            nonlocal admitted, refused
+            try:
+                async with gate.admit(3, 2000, deadline_s=30):
+                    admitted += 1
+                    await hold.wait()
+            except Overloaded:
+                refused += 1
+
+        tasks = [asyncio.ensure_future(call()) for _ in range(64)]
+        await asyncio.sleep(0.01)
+        hold.set()
+        await asyncio.gather(*tasks)
+        return admitted, refused
+
+    admitted, refused = asyncio.run(scenario())
+    assert admitted == 12  # 12 x 2000 tokens at 1000/s = 24 s <= 0.8 x 30 s; the 13th: 26 s
+    assert refused == 52
+
+
+def test_calls_that_missed_their_deadline_slow_the_rate_down():
+    async def scenario(ok: bool) -> float | None:
+        gate = Admission(capacity=4, queue=4, rate=10_000.0)
+        async with gate.admit(1, 500, deadline_s=30) as ticket:
+            await asyncio.sleep(1.05)  # busy long enough to measure
+            ticket.finished(ok)
+        return gate.rate()
+
+    finished = asyncio.run(scenario(True))
+    assert finished == pytest.approx(500 / 1.05, rel=0.1)  # measured, replacing the probe's
+    assert asyncio.run(scenario(False)) == 10_000.0  # nothing done in time: no new measurement
 
 
 def test_the_measured_rate_survives_an_idle_moment():
     async def scenario() -> tuple[float | None, float | None]:
         gate = Admission(capacity=4, queue=4)
-        async with gate.admit(2, deadline_s=30):
-            await asyncio.sleep(0.6)  # busy long enough to measure
-        busy = gate.throughput()
+        async with gate.admit(2, 300, deadline_s=30):
+            await asyncio.sleep(1.05)  # busy long enough to measure
+        busy = gate.rate()
         await asyncio.sleep(0.1)  # idle: nothing in flight
-        return busy, gate.throughput()
+        return busy, gate.rate()
 
     busy, idle = asyncio.run(scenario())
     assert busy is not None and busy > 0
     assert idle == busy
 
 
+def test_a_stalled_engine_halves_the_rate(monkeypatch):
+    import guardkit_server.serving.admission as admission
+
+    gate = Admission(capacity=4, queue=4, rate=800.0)
+    clock = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: clock[0])
+    gate._take(1)  # busy from t = 1000, nothing finishes
+    clock[0] += 5
+    assert gate.rate() == 800.0
+    clock[0] += 6  # a whole window busy with nothing done in time
+    assert gate.rate() == 400.0
+    clock[0] += 1
+    assert gate.rate() == 400.0  # once per window
+
+
 def test_a_cancelled_waiter_gives_its_place_back():
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> tuple[int, int, int]:
         gate = Admission(capacity=1, queue=2)
         hold = asyncio.Event()
 
         async def holder() -> None:
-            async with gate.admit(1, deadline_s=30):
+            async with gate.admit(1, 100, deadline_s=30):
                 await hold.wait()
 
         first = asyncio.ensure_future(holder())
         await asyncio.sleep(0)
-        waiter = asyncio.ensure_future(gate.admit(1, deadline_s=30).__aenter__())
+        waiter = asyncio.ensure_future(gate.admit(1, 100, deadline_s=30).__aenter__())
         await asyncio.sleep(0)
         assert gate.waiting == 1
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
         hold.set()
         await first
-        return gate.in_flight, gate.waiting
+        return gate.in_flight, gate.waiting, gate.outstanding_cost
 
-    assert asyncio.run(scenario()) == (0, 0)
+    assert asyncio.run(scenario()) == (0, 0, 0)
+
+
+def test_probe_rate_times_a_cold_evaluation():
+    seen: list[int] = []
+
+    async def evaluate(tokens: int) -> float:
+        seen.append(tokens)
+        return tokens / 250  # 250 tokens per second
+
+    assert asyncio.run(probe_rate(evaluate, tokens=512)) == pytest.approx(250.0)
+    assert seen == [128, 512]  # a warm-up, then the timed one

@@ -235,9 +235,18 @@ def test_pick_threshold_is_the_best_on_random_scores():
 )
 def test_builtin_splits_are_deterministic_and_disjoint():
     from guardkit_server.training import datasets
+    from guardkit_server.training.traffic import load_material
 
     first = datasets.build_pool()
     again = datasets.build_pool()
+    # material texts that belong to exactly one split (short common ones like "thanks!" may recur)
+    seen: dict[str, set[str]] = {}
+    for rows in load_material().values():
+        for split, members in rows.items():
+            for row in members:
+                for m in row.messages:
+                    seen.setdefault(datasets.normalise(m["content"]), set()).add(split)
+    material_split = {t: next(iter(s)) for t, s in seen.items() if len(s) == 1 and len(t) > 40}
     assert first.split == again.split
     train_texts, test_texts = set(), set()
     for name, policy in datasets.BUILTIN_POLICIES.items():
@@ -246,7 +255,15 @@ def test_builtin_splits_are_deterministic_and_disjoint():
         sizes = a.sizes()
         assert sizes["test"]["Yes"] >= 80 and sizes["test"]["No"] >= 80, (name, sizes)
         for split, texts in (("train", train_texts), ("test", test_texts)):
-            texts.update(datasets.normalise(ex.messages[0]["content"]) for ex in a.splits[split])
-        assert not any(datasets.FILL in ex.messages[0]["content"] for ex in a.splits["train"])
+            texts.update(datasets.normalise(ex.messages[0]["content"]) for ex in a.items[split])
+        assert not any(datasets.FILL in m["content"] for ex in a.splits["train"] for m in ex.messages)
+        assert len(a.splits["train"]) > len(a.items["train"])  # the material's own conversations
+        # Every shaped variant keeps its item's split, and uses material of that split only.
+        item_split = {ex.id: s for s, exs in a.items.items() for ex in exs}
+        for split, examples in a.splits.items():
+            for ex in examples:
+                assert item_split.get(ex.id.split("#")[0], split) == split
+                foreign = {material_split[t] for m in ex.messages if (t := datasets.normalise(m["content"])) in material_split}
+                assert foreign <= {split}, (ex.id, foreign)
     # Across all policies, no request text is both trained on and tested.
     assert not train_texts & test_texts

@@ -21,6 +21,7 @@ from guardkit.types import (
     PolicyLoadRequest,
 )
 from guardkit_server.policies.registry import LoadedPolicy
+from guardkit_server.serving.admission import MIN_CALL_COST
 from guardkit_server.serving.api.errors import RouteError
 from guardkit_server.serving.fanout import Tenant
 
@@ -120,7 +121,16 @@ async def _utf8_body(request: Request) -> None:
         ) from None
 
 
+def admission_open(request: Request) -> None:
+    """A saturated server refuses a guard call before reading its body (429 at once)."""
+    server = _server(request)
+    if server.fanout is not None:  # even the smallest call would be refused
+        server.fanout.admission.refuse_early(1, MIN_CALL_COST, server.config.default_timeout_ms / 1000)
+
+
 _ACCESS: tuple[Callable[[Request], object], ...] = (ready, tenant, admin, reader)
+# Checked after access, before the body is read: cheap refusals that need no body.
+_BEFORE_BODY: dict[str, Callable[[Request], None]] = {"/v1/guard": admission_open}
 
 
 class _AccessFirst(APIRoute):
@@ -135,6 +145,8 @@ class _AccessFirst(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         checks = [d.call for d in self.dependant.dependencies if d.call in _ACCESS]
+        if self.path in _BEFORE_BODY:
+            checks.append(_BEFORE_BODY[self.path])
         has_body = self.body_field is not None
 
         async def checked_first(request: Request) -> Response:

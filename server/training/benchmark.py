@@ -6,6 +6,7 @@
     python -m guardkit_server.training.benchmark report   # markdown tables and plots
     python -m guardkit_server.training.benchmark install  # copy the aLoRA policies into --target
     python -m guardkit_server.training.benchmark robustness  # suites through a real guardkit-server
+    python -m guardkit_server.training.benchmark kv-cache    # fp8 vs bf16 KV cache: accuracy, bytes
 
 Training runs are ordinary ``guardkit-server train`` invocations with one shared set of
 hyper-parameters per method (LoRA uses aLoRA's, as the aLoRA paper compares them); evaluation goes
@@ -352,7 +353,7 @@ def shipped_recipe(policy: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install", "robustness"))
+    parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install", "robustness", "kv-cache"))
     parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
     parser.add_argument("--method", action="append", choices=list(RECIPES), help="a recipe (default: the three methods; eval: every trained one)")
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
@@ -383,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         from guardkit_server.training.robustness import run
 
         run(args.out_dir, args.policies, args.url, args.limit)
+    elif args.stage == "kv-cache":
+        from guardkit_server.training import kvcache
+
+        kvcache.run(args.out_dir, args.policies)
     else:
         install(args.target, args.out_dir)
     return 0

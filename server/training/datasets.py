@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from guardkit_server.training.examples import Example, write_jsonl
-from guardkit_server.training.traffic import material_digest, shape_splits
 from guardkit_server.training.sources import (
     FILL,
     HARMFUL_COMPLIANCE,
@@ -45,6 +44,7 @@ from guardkit_server.training.sources import (
     load_all,
     package_version,
 )
+from guardkit_server.training.traffic import material_digest, shape_splits
 
 SPLIT_VERSION = "v2"  # v2: production-shaped (traffic.py)
 SPLIT_SEED = "guardkit-splits-v1"

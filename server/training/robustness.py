@@ -120,13 +120,14 @@ def run(out_dir: Path, policies_dir: Path | None = None, url: str | None = None,
     from guardkit_server.training.benchmark import environment
     from guardkit_server.training.sources import POLICIES
 
-    cases = build_cases(list(POLICIES))
+    policies_dir = policies_dir or BUILTIN_POLICIES
+    names = [p for p in POLICIES if (policies_dir / p / "guardkit-policy.json").exists()]
+    cases = build_cases(names)
     if limit:
         cases = cases[::max(1, len(cases) // limit)]
     started = time.perf_counter()
-    policies_dir = policies_dir or BUILTIN_POLICIES
     if url is None:
-        settings = ServerSettings(model=ensure_default_model(), policies=policies_dir, max_m=len(POLICIES), max_model_len=4096)
+        settings = ServerSettings(model=ensure_default_model(), policies=policies_dir, max_m=len(names), max_model_len=4096)
         log = Path(tempfile.mkdtemp(prefix="guardkit-robustness-")) / "server.log"
         with LocalServer(settings, log) as server:
             results = asyncio.run(judge(server.url, cases))
@@ -134,7 +135,7 @@ def run(out_dir: Path, policies_dir: Path | None = None, url: str | None = None,
         results = asyncio.run(judge(url, cases))
     rows = summarise(cases, results)
     order = {s: i for i, s in enumerate(dict.fromkeys(c.suite for c in cases))}
-    rows.sort(key=lambda r: (list(POLICIES).index(r["policy"]), order[r["suite"]]))
+    rows.sort(key=lambda r: (names.index(r["policy"]), order[r["suite"]]))
     data = {
         "environment": environment(),
         "policies": str(policies_dir),

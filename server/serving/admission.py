@@ -2,8 +2,9 @@
 
 Without it a burst larger than the engine can serve queues inside vLLM until every call's
 deadline passes, and all of them fail closed after the full wait. Here the server keeps the
-work it has accepted -- each call's *cost*, its prompt tokens (the shared prefix once, plus
-every policy's suffix) -- and the rate at which the engine gets through that cost, and:
+work it has accepted -- each call's *cost*, the prompt tokens the engine will compute for it
+(``cost.py``: the uncached part of the shared prefix once, every policy's suffix) -- and the
+rate at which the engine computes tokens, and:
 
 * refuses a call immediately (``Overloaded`` -> HTTP 429 with ``Retry-After``) when the time
   until it is done -- the cost accepted before it plus its own, at the measured rate -- would
@@ -12,10 +13,11 @@ every policy's suffix) -- and the rate at which the engine gets through that cos
   queues it, first come, first served.
 
 The rate starts from a start-up probe of the engine (``probe_rate``), so the first calls of a
-burst are judged too, and then follows the calls that finish with every verdict in time: calls
-that missed their deadline add their busy time but not their cost, so a struggling engine looks
-slower, never faster. Cached prefixes make real calls cheaper than their cost; measuring the
-rate in the same unit makes that part of the rate instead of an error in the estimate.
+burst are judged too, and then follows the tokens computed by calls that finished with every
+verdict in time: calls that missed their deadline add busy time but no tokens, so a struggling
+engine looks slower, never faster. A call holds its place from its arrival (with a cost
+estimated from its characters), so a burst is decided in arrival order at once, not after each
+call's tokenizing.
 """
 
 from __future__ import annotations
@@ -46,14 +48,16 @@ class Overloaded(Exception):
 
 @dataclass
 class Ticket:
-    """An admitted call; ``finished(ok)`` says whether every evaluation came back in time."""
+    """A call holding its place: its evaluations, its expected cost, and what it really did."""
 
     size: int
     cost: int
-    ok: bool = True
+    running: bool = False
+    computed: int | None = None  # tokens computed, when every evaluation came back in time
 
-    def finished(self, ok: bool) -> None:
-        self.ok = ok
+    def finished(self, computed_tokens: int | None) -> None:
+        """``computed_tokens``: what the call computed; None when it missed its deadline."""
+        self.computed = computed_tokens
 
 
 class Admission:
@@ -116,24 +120,31 @@ class Admission:
     # ---------------------------------------------------------------- admission
     @contextlib.asynccontextmanager
     async def admit(self, evaluations: int, cost: int, deadline_s: float) -> AsyncIterator[Ticket]:
-        """Hold room for the call while the body runs; raise ``Overloaded`` at once if it cannot
-        finish within its deadline. The body reports ``ticket.finished(ok)``."""
+        """Hold the call's place from now on; raise ``Overloaded`` at once if it cannot finish
+        within its deadline. Calls decide in arrival order, before any work is spent on them:
+        the body may refine the cost (``settle``), then waits for room (``run``)."""
         size = min(evaluations, self.capacity)  # a call larger than the engine runs alone
         self.refuse_early(evaluations, cost, deadline_s)
         ticket = Ticket(size, cost)
         self.outstanding_cost += cost
         try:
-            if self.in_flight + size > self.capacity or self._waiters:
-                await self._wait(size, deadline_s)
-            else:
-                self._take(size)
-        except BaseException:
-            self.outstanding_cost -= cost
-            raise
-        try:
             yield ticket
         finally:
             self._release(ticket)
+
+    def settle(self, ticket: Ticket, cost: int) -> None:
+        """The call's cost, now that its tokens are known."""
+        self.outstanding_cost += cost - ticket.cost
+        ticket.cost = cost
+
+    async def run(self, ticket: Ticket, deadline_s: float) -> None:
+        """Room in the engine for the call, now or after the calls queued before it
+        (``asyncio.TimeoutError`` when the deadline passes first)."""
+        if self.in_flight + ticket.size > self.capacity or self._waiters:
+            await self._wait(ticket.size, deadline_s)
+        else:
+            self._take(ticket.size)
+        ticket.running = True
 
     async def _wait(self, size: int, deadline_s: float) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -159,10 +170,11 @@ class Admission:
 
     def _release(self, ticket: Ticket) -> None:
         self.outstanding_cost -= ticket.cost
-        if ticket.ok:
-            self._done.append((time.monotonic(), ticket.cost))
+        if ticket.computed is not None:
+            self._done.append((time.monotonic(), ticket.computed))
         self.rate()  # measured while still busy, kept for after an idle moment
-        self._give_back(ticket.size)
+        if ticket.running:
+            self._give_back(ticket.size)
 
     def _give_back(self, size: int) -> None:
         self.in_flight -= size

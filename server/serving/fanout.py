@@ -26,7 +26,9 @@ from guardkit_server.engine.engine import (
 from guardkit_server.policies.contract import ContractError, ConversationIds, PromptContract
 from guardkit_server.policies.registry import LoadedPolicy, PolicyRegistry
 from guardkit_server.serving.admission import Admission
+from guardkit_server.serving.cost import PrefixIndex, call_cost
 from guardkit_server.serving.metrics import Metrics
+from guardkit_server.serving.placement import Placement, PlacementCollector, placement_key
 
 
 class GuardRequestError(ValueError):
@@ -59,6 +61,7 @@ class FanOut:
         default_timeout_ms: int = 30_000,
         admission: Admission | None = None,
         max_conversation_chars: int = 1_000_000,
+        placement: Placement | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -67,7 +70,16 @@ class FanOut:
         self.max_policies_per_call = max_policies_per_call
         self.default_timeout_ms = default_timeout_ms
         self.admission = admission or Admission(capacity=256, queue=256)
+        self.prefix_index = PrefixIndex(engine.block_size, engine.cache_blocks)
         self.max_conversation_chars = max_conversation_chars
+        # Data parallelism: one rank per call, the same for every call of a conversation
+        # (placement.py). One rank: nothing to choose.
+        ranks = engine.data_parallel_size
+        self.placement = placement or (
+            Placement(ranks, engine.config.max_num_seqs) if ranks > 1 else None
+        )
+        if self.placement is not None:
+            metrics.registry.register(PlacementCollector(self.placement))
         # Tokenizing a long conversation takes CPU time: never on the event loop (health checks
         # and other calls keep being answered), one at a time (the tokenizer is not shared).
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardkit-tokenize")
@@ -108,35 +120,41 @@ class FanOut:
                 status=413,
                 param="messages",
             )
-        # An overloaded server says so before spending any work (tokenizing) on the call: its
-        # cost from the characters (at most a token per character; a third of that is typical
-        # for English, so this errs toward admitting) until the tokens are known.
-        suffixes = sum(len(p.suffix_ids) for p in policies)
-        self.admission.refuse_early(len(policies), min(chars // 3, self.contract.max_conversation_tokens) + suffixes, timeout_s)
-        try:
-            conversation = await asyncio.get_running_loop().run_in_executor(
-                self._tokenizer_thread, judged_conversation, self.contract, request
-            )
-        except ContractError as exc:
-            raise GuardRequestError(str(exc), status=422, param="messages") from None
-        prefix = conversation.ids
-        longest = len(prefix) + max(len(p.suffix_ids) for p in policies)
-        if longest >= self.engine.max_model_len:
-            raise GuardRequestError(
-                f"the conversation is {len(prefix)} tokens; with the policy prompt it needs "
-                f"{longest}, more than the model's context of {self.engine.max_model_len} tokens",
-                status=413,
-                param="messages",
-            )
-        tokenized = time.perf_counter()
-        remaining = timeout_s - (tokenized - started)
-        try:
-            async with self.admission.admit(len(policies), len(prefix) + suffixes, remaining) as ticket:
+        # The call holds its place in admission from now on, with a cost estimated from its
+        # characters (a third of a token each, about English's) until its tokens are known: an
+        # overloaded server refuses it before spending any work (tokenizing) on it.
+        suffixes = [len(p.suffix_ids) for p in policies]
+        estimate = min(chars // 3, self.contract.max_conversation_tokens) + sum(suffixes)
+        async with self.admission.admit(len(policies), estimate, timeout_s) as ticket:
+            try:
+                conversation = await asyncio.get_running_loop().run_in_executor(
+                    self._tokenizer_thread, judged_conversation, self.contract, request
+                )
+            except ContractError as exc:
+                raise GuardRequestError(str(exc), status=422, param="messages") from None
+            prefix = conversation.ids
+            longest = len(prefix) + max(suffixes)
+            if longest >= self.engine.max_model_len:
+                raise GuardRequestError(
+                    f"the conversation is {len(prefix)} tokens; with the policy prompt it needs "
+                    f"{longest}, more than the model's context of {self.engine.max_model_len} tokens",
+                    status=413,
+                    param="messages",
+                )
+            cached = self.prefix_index.cached_tokens(tenant.cache_salt, prefix)
+            self.admission.settle(ticket, call_cost(len(prefix), cached, suffixes, self.prefix_index.block_size))
+            tokenized = time.perf_counter()
+            try:
+                await self.admission.run(ticket, timeout_s - (tokenized - started))
                 left = timeout_s - (time.perf_counter() - started)
-                results = await self._evaluate(prefix, policies, tenant, left)
-                ticket.finished(not any(isinstance(r, TimeoutError) for r in results))
-        except asyncio.TimeoutError:  # the deadline passed while queued
-            results = [TimeoutError(f"no room in the engine within the {timeout_s * 1000:.0f} ms deadline")] * len(policies)
+                results = await self._placed(request, prefix, policies, tenant, left)
+            except asyncio.TimeoutError:  # the deadline passed while queued
+                results = [TimeoutError(f"no room in the engine within the {timeout_s * 1000:.0f} ms deadline")] * len(policies)
+            done = [r for r in results if isinstance(r, EvalResult)]
+            if done:
+                self.prefix_index.add(tenant.cache_salt, prefix)
+            in_time = not any(isinstance(r, TimeoutError) for r in results)
+            ticket.finished(sum(r.prompt_tokens - r.cached_tokens for r in done) if in_time else None)
         finished = time.perf_counter()
 
         monitor = set(request.monitor)
@@ -179,12 +197,29 @@ class FanOut:
         self.metrics.observe_call(result)
         return result
 
+    async def _placed(
+        self,
+        request: GuardRequest,
+        prefix: Sequence[int],
+        policies: Sequence[LoadedPolicy],
+        tenant: Tenant,
+        timeout: float,
+    ) -> list[EvalResult | BaseException]:
+        """``_evaluate`` on the rank this call's conversation lives on (data parallelism)."""
+        if self.placement is None:
+            return await self._evaluate(prefix, policies, tenant, timeout)
+        key = placement_key(tenant.id, request.conversation_id, request.messages)
+        rank, reason = self.placement.choose(key, len(policies), live=self.engine.live_ranks())
+        with self.placement.hold(rank, len(policies), reason):
+            return await self._evaluate(prefix, policies, tenant, timeout, rank)
+
     async def _evaluate(
         self,
         prefix: Sequence[int],
         policies: Sequence[LoadedPolicy],
         tenant: Tenant,
         timeout: float,
+        rank: int | None = None,
     ) -> list[EvalResult | BaseException]:
         self.registry.acquire(policies)
         try:
@@ -196,6 +231,7 @@ class FanOut:
                             label_ids=p.label_ids,
                             adapter=p.adapter,
                             cache_salt=tenant.cache_salt,
+                            data_parallel_rank=rank,
                         )
                     )
                 )

@@ -17,7 +17,8 @@ def test_calls_run_while_there_is_room_then_queue_then_are_refused():
 
         async def call(name: str, size: int) -> None:
             try:
-                async with gate.admit(size, 100, deadline_s=30):
+                async with gate.admit(size, 100, deadline_s=30) as ticket:
+                    await gate.run(ticket, deadline_s=30)
                     log.append(f"run {name}")
                     await release.wait()
             except Overloaded as exc:
@@ -59,7 +60,8 @@ def test_the_first_calls_of_a_burst_are_judged_by_the_probed_rate():
         async def call() -> None:
             nonlocal admitted, refused
             try:
-                async with gate.admit(3, 2000, deadline_s=30):
+                async with gate.admit(3, 2000, deadline_s=30) as ticket:
+                    await gate.run(ticket, deadline_s=30)
                     admitted += 1
                     await hold.wait()
             except Overloaded:
@@ -79,9 +81,10 @@ def test_the_first_calls_of_a_burst_are_judged_by_the_probed_rate():
 def test_calls_that_missed_their_deadline_slow_the_rate_down():
     async def scenario(ok: bool) -> float | None:
         gate = Admission(capacity=4, queue=4, rate=10_000.0)
-        async with gate.admit(1, 500, deadline_s=30) as ticket:
+        async with gate.admit(1, 800, deadline_s=30) as ticket:
+            await gate.run(ticket, deadline_s=30)
             await asyncio.sleep(1.05)  # busy long enough to measure
-            ticket.finished(ok)
+            ticket.finished(500 if ok else None)  # tokens computed (some were cached)
         return gate.rate()
 
     finished = asyncio.run(scenario(True))
@@ -92,8 +95,10 @@ def test_calls_that_missed_their_deadline_slow_the_rate_down():
 def test_the_measured_rate_survives_an_idle_moment():
     async def scenario() -> tuple[float | None, float | None]:
         gate = Admission(capacity=4, queue=4)
-        async with gate.admit(2, 300, deadline_s=30):
+        async with gate.admit(2, 300, deadline_s=30) as ticket:
+            await gate.run(ticket, deadline_s=30)
             await asyncio.sleep(1.05)  # busy long enough to measure
+            ticket.finished(300)
         busy = gate.rate()
         await asyncio.sleep(0.1)  # idle: nothing in flight
         return busy, gate.rate()
@@ -124,12 +129,17 @@ def test_a_cancelled_waiter_gives_its_place_back():
         hold = asyncio.Event()
 
         async def holder() -> None:
-            async with gate.admit(1, 100, deadline_s=30):
+            async with gate.admit(1, 100, deadline_s=30) as ticket:
+                await gate.run(ticket, deadline_s=30)
                 await hold.wait()
+
+        async def waiter_call() -> None:
+            async with gate.admit(1, 100, deadline_s=30) as ticket:
+                await gate.run(ticket, deadline_s=30)
 
         first = asyncio.ensure_future(holder())
         await asyncio.sleep(0)
-        waiter = asyncio.ensure_future(gate.admit(1, 100, deadline_s=30).__aenter__())
+        waiter = asyncio.ensure_future(waiter_call())
         await asyncio.sleep(0)
         assert gate.waiting == 1
         waiter.cancel()
@@ -139,6 +149,54 @@ def test_a_cancelled_waiter_gives_its_place_back():
         return gate.in_flight, gate.waiting, gate.outstanding_cost
 
     assert asyncio.run(scenario()) == (0, 0, 0)
+
+
+def test_a_burst_is_decided_in_arrival_order_before_any_tokenizing():
+    """Places are held from arrival with the estimated cost, so the later calls of a burst are
+    refused at once instead of after the earlier ones' tokenizing; the exact cost then settles."""
+
+    async def scenario() -> tuple[list[str], int]:
+        gate = Admission(capacity=64, queue=64, rate=100.0)
+        log: list[str] = []
+        tokenized = asyncio.Event()
+
+        async def call(i: int) -> None:
+            try:
+                async with gate.admit(1, 1000, deadline_s=30) as ticket:  # estimate from characters
+                    log.append(f"held {i}")
+                    await tokenized.wait()
+                    gate.settle(ticket, 400)  # the tokens, a cached prefix predicted
+            except Overloaded:
+                log.append(f"refused {i}")
+
+        tasks = [asyncio.ensure_future(call(i)) for i in range(4)]
+        await asyncio.sleep(0)
+        decided = list(log)  # all four decided before any tokenizing finished
+        held = gate.outstanding_cost
+        tokenized.set()
+        await asyncio.gather(*tasks)
+        return decided, held
+
+    decided, held = asyncio.run(scenario())
+    assert decided == ["held 0", "held 1", "refused 2", "refused 3"]  # 3 x 1000 at 100/s > 24 s
+    assert held == 2000
+
+
+def test_call_cost_counts_what_the_engine_computes():
+    from guardkit_server.serving.cost import PrefixIndex, call_cost
+
+    index = PrefixIndex(block_size=32, capacity_blocks=4)
+    turn1 = list(range(100))
+    assert index.cached_tokens("t", turn1) == 0
+    index.add("t", turn1)  # 3 full blocks cached
+    turn2 = turn1 + list(range(500, 560))
+    assert index.cached_tokens("t", turn2) == 96
+    assert index.cached_tokens("other tenant", turn2) == 0  # salted like vLLM's cache
+    # 160 prefix tokens, 96 cached: 64 once, then per policy its suffix and the partial block
+    assert call_cost(160, 96, [40, 40], 32) == 64 + 2 * 40
+    assert call_cost(161, 96, [40], 32) == 65 + 40 + 1
+    index.add("t", list(range(1000, 1100)))  # 3 more blocks: the least recent ones go
+    assert index.cached_tokens("t", turn2) == 0
 
 
 def test_probe_rate_times_a_cold_evaluation():

@@ -16,18 +16,12 @@ import functools
 import logging
 from typing import Any
 
+from guardkit_server.engine.plugin.patches import _once
+
 logger = logging.getLogger("guardkit.plugin")
 
 # Token ids whose logits are recomputed in float32 (the label ids of every request seen).
 LABEL_IDS: set[int] = set()
-
-
-def _once(module: Any, name: str) -> bool:
-    marker = f"_guardkit_patched_{name}"
-    if getattr(module, marker, False):
-        return False
-    setattr(module, marker, True)
-    return True
 
 
 def patch_label_ids() -> None:

@@ -21,6 +21,20 @@ for broken in ("torchvision", "torchaudio", "torchcodec"):
 PY
 }
 
+# --- web UI browser tests (tests/integration/test_ui.py, docs/ui.md) -----------------------
+# Playwright drives Debian's Chromium; Playwright's own browser downloads are never used.
+# Checked on every run (before the stamp): only installed when missing.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's chromium (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+  else
+    echo "setup: /usr/bin/chromium is missing (needs root and apt-get): browser tests will skip" >&2
+  fi
+fi
+# --- end web UI --------------------------------------------------------------------------
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && healthy; then
   echo "setup: $VENV is up to date"
   exit 0

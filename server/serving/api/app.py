@@ -87,6 +87,11 @@ def create_app(server: ServerRuntime) -> FastAPI:
     app.add_middleware(_RequestId, on_error=server.metrics.observe_error)  # outermost: every answer, errors included, carries the id
     install_error_handlers(app, server.metrics.observe_error)
     app.include_router(router)
+    # --- web UI (docs/ui.md): static pages at /ui; their data comes from the API above
+    from guardkit_server.serving.ui.routes import router as ui_router
+
+    app.include_router(ui_router)
+    # --- end web UI
     if server.config.upstream:  # the OpenAI-compatible proxy (serving/proxy.py)
         from guardkit_server.serving import proxy
 

@@ -6,10 +6,11 @@ import logging
 import uuid
 from collections.abc import Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guardkit_server.serving.api.errors import error_response, install_error_handlers
 from guardkit_server.serving.api.router import reader, router
@@ -18,51 +19,91 @@ from guardkit_server.serving.runtime import ServerRuntime
 logger = logging.getLogger("guardkit.server")
 
 
-class _BodyGate(BaseHTTPMiddleware):
+class _BodyGate:
     """Refuse oversized bodies before anything reads them (413, on every path).
 
-    Whether a body is UTF-8 is checked later, by the route, after the caller's key
-    (``router._AccessFirst``): a caller without the right key learns nothing about its body.
+    Pure ASGI (no per-request task group, as Starlette's BaseHTTPMiddleware has): under a burst
+    every refusal and every admitted call passes here, so it stays cheap. Whether a body is UTF-8
+    is checked later, by the route, after the caller's key (``router._AccessFirst``): a caller
+    without the right key learns nothing about its body.
     """
 
-    def __init__(self, app, limit: int, on_error: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(app)
+    def __init__(self, app: ASGIApp, limit: int, on_error: Callable[[str], None]) -> None:
+        self.app = app
         self.limit = limit
         self.on_error = on_error
 
-    async def dispatch(self, request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length")
         if length and length.isdigit() and int(length) > self.limit:
-            return self._refuse(413, f"request body over {self.limit} bytes", "request_too_large")
-        if request.method in ("POST", "PUT", "PATCH"):
-            body = await request.body()
-            if len(body) > self.limit:
-                return self._refuse(413, f"request body over {self.limit} bytes", "request_too_large")
-        return await call_next(request)
+            return await self._refuse(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:  # a body without a content-length (chunked) is counted as it arrives
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
 
-    def _refuse(self, status: int, message: str, kind: str):  # type: ignore[no-untyped-def]
-        self.on_error(kind)
-        return error_response(status, message)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.on_error("request_too_large")
+        await error_response(413, f"request body over {self.limit} bytes")(scope, receive, send)
 
 
-class _RequestId(BaseHTTPMiddleware):
-    """``x-request-id`` on every response; a guard call's id is its result's ``id``."""
+class _RequestId:
+    """``x-request-id`` on every response; a guard call's id is its result's ``id``.
 
-    def __init__(self, app, on_error: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(app)
+    Pure ASGI, outermost: a failure anywhere below still answers in the error envelope, with
+    the id to report it by.
+    """
+
+    def __init__(self, app: ASGIApp, on_error: Callable[[str], None]) -> None:
+        self.app = app
         self.on_error = on_error
 
-    async def dispatch(self, request: Request, call_next):  # type: ignore[no-untyped-def]
-        prefix = "guard" if request.url.path == "/v1/guard" else "req"
-        request_id = request.state.request_id = f"{prefix}-{uuid.uuid4().hex}"
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        prefix = "guard" if scope["path"] == "/v1/guard" else "req"
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
         try:
-            response = await call_next(request)
+            await self.app(scope, receive, send_with_id)
         except Exception as exc:  # a bug: still the error envelope, and the id to report it by
-            logger.exception("internal error on %s (%s)", request.url.path, request_id)
+            logger.exception("internal error on %s (%s)", scope["path"], request_id)
             self.on_error("internal")
+            if started:
+                raise
             response = error_response(500, f"internal error: {type(exc).__name__}: {exc}")
-        response.headers["x-request-id"] = request_id
-        return response
+            response.headers["x-request-id"] = request_id
+            await response(scope, receive, send)
 
 
 def create_app(server: ServerRuntime) -> FastAPI:

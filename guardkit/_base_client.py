@@ -7,6 +7,7 @@ tenacity's Retrying / AsyncRetrying); everything else lives here once.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import os
@@ -44,7 +45,7 @@ from ._messages import MessagesInput, to_messages
 from ._selection import PolicyRef, PolicySelection, PolicySpec, select
 from ._turn import decide, empty_result, is_unavailable, log_allowed_on_error, unavailable_result
 from ._version import __version__
-from .types import ErrorResponse, GuardResult, OnError, Stage, Verdict
+from .types import ErrorResponse, GuardResult, Message, OnError, Stage, Verdict
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -99,6 +100,7 @@ class FinalRequest:
     max_retries: int = DEFAULT_MAX_RETRIES
     # POST /v1/guard: hand what is left of the deadline to the server as timeout_ms.
     server_deadline: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class BaseClient(Generic[HttpClientT]):
                 if current is None or current > ms:
                     body = body.model_copy(update={"timeout_ms": ms})
             content = body.model_dump_json(exclude_none=True).encode()
-        headers = self._headers
+        headers = {**self._headers, **req.headers}
         if content is not None:
             headers["Content-Type"] = "application/json"
         return self._http.build_request(
@@ -249,16 +251,22 @@ class BaseClient(Generic[HttpClientT]):
         raise_on_block: bool,
         on_block: OnBlock | None | NotGiven,
         on_verdict: OnVerdict | None | NotGiven,
+        conversation_id: str | None = None,
     ) -> CheckPlan:
         selection = self._select(policies, monitor, on_error)
         converted = to_messages(messages)
+        check_conversation_id(conversation_id)
         request = None
         if selection.include_all or selection.refs:
+            body = selection.request(converted, stage=stage)
+            if conversation_id is not None:
+                body = body.model_copy(update={"conversation_id": conversation_id})
             request = FinalRequest(
-                "POST", "/v1/guard", GuardResult, body=selection.request(converted, stage=stage),
+                "POST", "/v1/guard", GuardResult, body=body,
                 deadline=self._deadline(timeout),
                 max_retries=self.max_retries if isinstance(max_retries, NotGiven) else max_retries,
                 server_deadline=True,
+                headers=affinity_headers(conversation_id, converted),
             )
         return CheckPlan(
             selection, request, stage, len(converted), raise_on_block,
@@ -303,6 +311,47 @@ class BaseClient(Generic[HttpClientT]):
             result = decide(answer, plan.selection)
         log_allowed_on_error(result)
         return result
+
+
+# --------------------------------------------------------------------- affinity
+CONVERSATION_HEADER = "X-Guardkit-Conversation"
+_DIGEST_CHARS = 4096
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+def check_conversation_id(conversation_id: str | None) -> None:
+    """Refuse what the server would refuse (422), before sending."""
+    if conversation_id is not None and (
+        not isinstance(conversation_id, str) or not 1 <= len(conversation_id) <= 256
+    ):
+        raise ValueError("conversation_id must be a string of 1 to 256 characters")
+
+
+def conversation_digest(messages: Iterable[Message]) -> str:
+    """A stable key of a conversation without an id: its leading messages, through the first
+    one that is not a system / developer message (later turns do not change it). The same
+    digest as the server's (``guardkit_server.serving.placement.conversation_digest``)."""
+    h = hashlib.sha256()
+    for m in messages:
+        h.update(m.role.encode())
+        h.update(b"\x00")
+        h.update(m.text()[:_DIGEST_CHARS].encode("utf-8", "surrogatepass"))
+        h.update(b"\x1e")
+        if m.role not in _SYSTEM_ROLES:
+            break
+    return "m:" + h.hexdigest()[:32]
+
+
+def affinity_headers(conversation_id: str | None, messages: list[Message]) -> dict[str, str]:
+    """``X-Guardkit-Conversation`` for a guard call: the id (or, without one, the digest of the
+    leading messages), so that a load balancer hashing this header sends every call of one
+    conversation to the replica that has it cached. An id that cannot be a header value
+    (not printable ASCII) is sent as its hash; the body carries it as it is."""
+    if conversation_id is None:
+        return {CONVERSATION_HEADER: conversation_digest(messages)} if messages else {}
+    if conversation_id.isascii() and conversation_id.isprintable() and conversation_id.strip() == conversation_id:
+        return {CONVERSATION_HEADER: conversation_id}
+    return {CONVERSATION_HEADER: "h:" + hashlib.sha256(conversation_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]}
 
 
 # ------------------------------------------------------------------------ hooks

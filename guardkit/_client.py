@@ -21,7 +21,9 @@ from ._base_client import (
     SyncOnBlock,
     SyncOnVerdict,
     Timeout,
+    affinity_headers,
     arun_hooks,
+    check_conversation_id,
     check_hooks,
     run_hooks,
 )
@@ -51,10 +53,19 @@ def _guard_request(
     on_error: OnError,
     timeout_ms: int | None,
     stage: Stage | None,
+    conversation_id: str | None = None,
 ) -> GuardRequest:
     return GuardRequest(
         messages=to_messages(messages), policies=policies, monitor=monitor or [],
-        on_error=on_error, timeout_ms=timeout_ms, stage=stage,
+        on_error=on_error, timeout_ms=timeout_ms, stage=stage, conversation_id=conversation_id,
+    )
+
+
+def _raw_request(body: GuardRequest, client: Guardkit | AsyncGuardkit, timeout: Timeout | NotGiven) -> FinalRequest:
+    return FinalRequest(
+        "POST", "/v1/guard", GuardResult, body=body, deadline=client._deadline(timeout),
+        max_retries=client.max_retries, server_deadline=True,
+        headers=affinity_headers(body.conversation_id, body.messages),
     )
 
 
@@ -119,17 +130,23 @@ class Guardkit(BaseClient[httpx.Client]):
         raise_on_block: bool = False,
         on_block: SyncOnBlock | None | NotGiven = NOT_GIVEN,
         on_verdict: SyncOnVerdict | None | NotGiven = NOT_GIVEN,
+        conversation_id: str | None = None,
     ) -> GuardResult:
         """Judge one turn. Returns the result (``.blocked``, ``.verdicts``); with
         ``raise_on_block`` a block raises ``InputBlocked`` / ``OutputBlocked`` (a fail-closed
         one ``InputUnavailable`` / ``OutputUnavailable``, chaining the error). No verdict at
         all (server down, deadline, 5xx after retries) follows ``on_error``; 4xx errors raise.
-        ``policies=[]`` selects no policy: nothing is sent, the turn is allowed."""
+        ``policies=[]`` selects no policy: nothing is sent, the turn is allowed.
+        ``conversation_id`` (any string of 1-256 characters, the same for every turn of one
+        conversation) keeps its calls on the engine that has it cached; sent in the body and as
+        the ``X-Guardkit-Conversation`` header. Without it the header carries a digest of the
+        conversation's leading messages, which serves the same purpose while they are unique
+        (docs/scale-out.md)."""
         check_hooks("Guardkit", sync=True, on_block=on_block, on_verdict=on_verdict)
         plan = self._plan_check(
             messages, policies=policies, monitor=monitor, on_error=on_error, stage=stage,
             timeout=timeout, max_retries=max_retries, raise_on_block=raise_on_block,
-            on_block=on_block, on_verdict=on_verdict,
+            on_block=on_block, on_verdict=on_verdict, conversation_id=conversation_id,
         )
         answer: GuardResult | APIError
         if plan.request is None:
@@ -193,10 +210,11 @@ class RawGuardCalls:
         timeout_ms: int | None = None,
         stage: Stage | None = None,
         timeout: Timeout | NotGiven = NOT_GIVEN,
+        conversation_id: str | None = None,
     ) -> GuardResult:
-        body = _guard_request(messages, policies, monitor, on_error, timeout_ms, stage)
-        c = self._client
-        return c._request(FinalRequest("POST", "/v1/guard", GuardResult, body=body, deadline=c._deadline(timeout), max_retries=c.max_retries, server_deadline=True))  # type: ignore[no-any-return]
+        check_conversation_id(conversation_id)
+        body = _guard_request(messages, policies, monitor, on_error, timeout_ms, stage, conversation_id)
+        return self._client._request(_raw_request(body, self._client, timeout))  # type: ignore[no-any-return]
 
 
 class Policies:
@@ -281,13 +299,14 @@ class AsyncGuardkit(BaseClient[httpx.AsyncClient]):
         raise_on_block: bool = False,
         on_block: OnBlock | None | NotGiven = NOT_GIVEN,
         on_verdict: OnVerdict | None | NotGiven = NOT_GIVEN,
+        conversation_id: str | None = None,
     ) -> GuardResult:
         """See ``Guardkit.check``; hooks may be coroutine functions (awaited in turn)."""
         check_hooks("AsyncGuardkit", sync=False, on_block=on_block, on_verdict=on_verdict)
         plan = self._plan_check(
             messages, policies=policies, monitor=monitor, on_error=on_error, stage=stage,
             timeout=timeout, max_retries=max_retries, raise_on_block=raise_on_block,
-            on_block=on_block, on_verdict=on_verdict,
+            on_block=on_block, on_verdict=on_verdict, conversation_id=conversation_id,
         )
         answer: GuardResult | APIError
         if plan.request is None:
@@ -347,10 +366,11 @@ class AsyncRawGuardCalls:
         timeout_ms: int | None = None,
         stage: Stage | None = None,
         timeout: Timeout | NotGiven = NOT_GIVEN,
+        conversation_id: str | None = None,
     ) -> GuardResult:
-        body = _guard_request(messages, policies, monitor, on_error, timeout_ms, stage)
-        c = self._client
-        return await c._request(FinalRequest("POST", "/v1/guard", GuardResult, body=body, deadline=c._deadline(timeout), max_retries=c.max_retries, server_deadline=True))  # type: ignore[no-any-return]
+        check_conversation_id(conversation_id)
+        body = _guard_request(messages, policies, monitor, on_error, timeout_ms, stage, conversation_id)
+        return await self._client._request(_raw_request(body, self._client, timeout))  # type: ignore[no-any-return]
 
 
 class AsyncPolicies:

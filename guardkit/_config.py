@@ -84,6 +84,9 @@ class GuardConfig:
     timeout: Timeout | NotGiven = NOT_GIVEN  # deadline of each check; default: the client's
     on_block: OnBlock | None | NotGiven = NOT_GIVEN
     on_verdict: OnVerdict | None | NotGiven = NOT_GIVEN
+    # Keeps a conversation's checks on the engine that has it cached (docs/scale-out.md);
+    # None: the integration's own thread id where it has one (LangChain's thread_id).
+    conversation_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("blocking", "concurrent"):
@@ -114,6 +117,7 @@ class GuardConfig:
         return dict(
             policies=self.policies_for(stage), monitor=self.monitor, on_error=self.on_error,
             stage=stage, timeout=self.timeout, on_block=self.on_block, on_verdict=self.on_verdict,
+            conversation_id=self.conversation_id,
         )
 
     def refusal(self, result: GuardResult) -> str:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         timeout: Timeout
         on_block: OnBlock | None
         on_verdict: OnVerdict | None
+        conversation_id: str | None
 
     class GuardedOpenAI(OpenAI):
         """What ``guard(OpenAI())`` is to a type checker (at run time:
@@ -123,6 +124,7 @@ def guard(
     timeout: Timeout | NotGiven = NOT_GIVEN,
     on_block: OnBlock | None | NotGiven = NOT_GIVEN,
     on_verdict: OnVerdict | None | NotGiven = NOT_GIVEN,
+    conversation_id: str | None | NotGiven = NOT_GIVEN,
 ) -> object:
     """Guard an LLM client: the input turn is checked before (or alongside) each call, the
     output after it (in chunks when streaming).
@@ -135,6 +137,9 @@ def guard(
     ``client`` is the guardkit client (default: ``Guardkit()`` from the environment); the other
     arguments are ``GuardConfig`` fields (see there), applied over ``config``. An empty
     ``input_policies`` / ``output_policies`` list checks no policy at that stage.
+    ``conversation_id`` keeps every check of the conversation on the guardkit engine that has
+    it cached (docs/scale-out.md); without it LangChain's ``configurable.thread_id`` and the
+    Responses API's ``conversation`` are used where given.
     Blocks raise ``InputBlocked`` / ``OutputBlocked``; blocks only for want of a verdict
     (on_error="block") raise their subclasses ``InputUnavailable`` / ``OutputUnavailable``.
     """
@@ -145,6 +150,7 @@ def guard(
             output_policies=output_policies, check_input=check_input, check_output=check_output,
             mode=mode, stream=stream, suppress=suppress, blocked_message=blocked_message,
             timeout=timeout, on_block=on_block, on_verdict=on_verdict,
+            conversation_id=conversation_id,
         ).items()
         if not isinstance(value, NotGiven)
     }

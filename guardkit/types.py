@@ -140,6 +140,13 @@ class GuardRequest(BaseModel):
         description="Deadline for the whole call; unfinished policies error.",
     )
     stage: Stage | None = Field(default=None, description="Echoed back: which turn is judged.")
+    conversation_id: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="Keeps every call of one conversation on the engine that has its prefix "
+        "cached (data-parallel rank; replicas via the X-Guardkit-Conversation header). Not "
+        "judged. Default: the X-Guardkit-Conversation header, else a digest of the leading "
+        "messages.",
+    )
 
     @model_validator(mode="after")
     def _monitor_among_policies(self) -> GuardRequest:
@@ -238,6 +245,12 @@ class PolicyInfo(BaseModel):
     threshold: float
     base_model: str
     contract_version: str
+    test_accuracy: float | None = Field(
+        default=None, description="Accuracy on its held-out test split, from its training record."
+    )
+    validation_accuracy: float | None = Field(
+        default=None, description="Accuracy on its validation data at the end of training."
+    )
 
 
 class PolicyList(BaseModel):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import itertools
 from collections.abc import (
     AsyncGenerator,
@@ -337,6 +338,16 @@ async def _one(value: Any) -> AsyncIterator[Any]:
     yield value
 
 
+def thread_id(config: RunnableConfig | None, *, running: bool = True) -> str | None:
+    """LangChain's conversation thread: ``configurable.thread_id`` of ``config``, else (with
+    ``running``) of the running config (a chain's or LangGraph's, with its checkpointer)."""
+    for source in (config, var_child_runnable_config.get() if running else None):
+        value = ((source or {}).get("configurable") or {}).get("thread_id")
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and 1 <= len(str(value)) <= 256:
+            return str(value)
+    return None
+
+
 def _unobserved(config: RunnableConfig | None) -> RunnableConfig:
     """A config for the wrapped runnable: the caller's, with callbacks that lead nowhere."""
     inner: dict[str, Any] = {k: v for k, v in (config or {}).items() if k not in ("callbacks", "run_name", "run_id")}
@@ -457,8 +468,11 @@ class GuardedRunnable(LazyClients, Runnable[Any, Any]):
         clone._sync, clone._async = self._sync, self._async
         return clone
 
-    def _settings(self, kwargs: dict[str, Any]) -> GuardConfig:
-        return self.guard_config.merged(kwargs.pop("guard_options", None))
+    def _settings(self, kwargs: dict[str, Any], config: RunnableConfig | None = None) -> GuardConfig:
+        cfg = self.guard_config.merged(kwargs.pop("guard_options", None))
+        if cfg.conversation_id is None and (thread := thread_id(config)) is not None:
+            cfg = dataclasses.replace(cfg, conversation_id=thread)
+        return cfg
 
     def _record(self, report: GuardReport) -> None:
         """A guarded call is over (its report is complete)."""
@@ -513,7 +527,7 @@ class GuardedChain(GuardedRunnable):
     # Each is one run of this Runnable (``_call_with_config`` and friends report it to the
     # caller's handlers); inside it the wrapped runnable runs unobserved.
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        cfg = self._settings(kwargs)
+        cfg = self._settings(kwargs, config)
 
         def run(value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Any:
             call, inner = _Call(self, cfg, input_messages(value)), _Unobserved(config)
@@ -522,7 +536,7 @@ class GuardedChain(GuardedRunnable):
         return self._call_with_config(run, input, config)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        cfg = self._settings(kwargs)
+        cfg = self._settings(kwargs, config)
 
         async def run(value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig) -> Any:
             call, inner = _Call(self, cfg, input_messages(value)), _Unobserved(config)
@@ -531,7 +545,7 @@ class GuardedChain(GuardedRunnable):
         return await self._acall_with_config(run, input, config)
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        cfg = self._settings(kwargs)
+        cfg = self._settings(kwargs, config)
 
         def run(inputs: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Iterator[Any]:
             value = next(inputs)
@@ -541,7 +555,7 @@ class GuardedChain(GuardedRunnable):
         yield from self._transform_stream_with_config(iter([input]), run, config)
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
-        cfg = self._settings(kwargs)
+        cfg = self._settings(kwargs, config)
 
         async def run(inputs: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig) -> AsyncIterator[Any]:
             value = await anext(inputs)
@@ -677,6 +691,33 @@ class GuardedChatModel(BaseChatModel, GuardedRunnable):
         judged (as JSON) before it is returned."""
         structured = self.bound.with_structured_output(schema, include_raw=include_raw, **kwargs)  # type: ignore[attr-defined]
         return self._rewrap(structured)
+
+    # ------------------------------------------------------------ thread
+    # LangChain's thread (``configurable.thread_id``) is the guard's conversation id. Inside a
+    # chain or graph ``_generate`` sees it in the running config; a direct call's config does
+    # not reach ``_generate``, so it comes along in ``guard_options``.
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
+        return super().invoke(input, config, **self._with_thread(config, kwargs))
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
+        return await super().ainvoke(input, config, **self._with_thread(config, kwargs))
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        return super().stream(input, config, **self._with_thread(config, kwargs))
+
+    def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        return super().astream(input, config, **self._with_thread(config, kwargs))
+
+    def _with_thread(self, config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        options = kwargs.get("guard_options")
+        if self.guard_config.conversation_id is not None or isinstance(options, GuardConfig):
+            return kwargs
+        if isinstance(options, Mapping) and options.get("conversation_id") is not None:
+            return kwargs
+        thread = thread_id(config, running=False)
+        if thread is None:
+            return kwargs
+        return {**kwargs, "guard_options": {**(options or {}), "conversation_id": thread}}
 
     # --------------------------------------------------------- generation
     def _call(self, kwargs: dict[str, Any], messages: list[BaseMessage]) -> _Call:

@@ -12,11 +12,20 @@ model generate through the guarded client — ``with_raw_response`` / ``with_str
 ``images``, ``videos``, ``realtime``, ``live``, ``batches``, ``evals`` and the raw HTTP methods
 (``post``, ``get`` ...). Everything else (models, files, embeddings, moderations ...) passes
 through unchanged; ``.unguarded`` is the plain client.
+
+Conversation id (``guard(..., conversation_id=...)`` or per call
+``guard_options={"conversation_id": ...}``) keeps a conversation's checks on the guardkit engine
+that has it cached. ``responses.create(conversation=...)`` supplies one by itself (the OpenAI
+conversation's id). Chat completions and completions carry no thread id (``user``,
+``metadata`` and ``prompt_cache_key`` are not one conversation's), so none is derived: the
+client then sends a digest of the conversation's leading messages, which keeps it together
+as long as those are unique to it (docs/scale-out.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -158,12 +167,18 @@ class _Call:
     method = "create"
 
     def __init__(self, config: GuardConfig, kwargs: dict[str, Any]) -> None:
-        self.config = config
+        thread = None if config.conversation_id is not None else self.thread_id(kwargs)
+        self.config = config if thread is None else dataclasses.replace(config, conversation_id=thread)
         self.kwargs = kwargs
         self.stream = kwargs.get("stream") is True
         self.report = GuardReport()
         self.stream_indexes: set[int] = {0}
         self.messages: list[Message] = self.input_messages()
+
+    @staticmethod
+    def thread_id(kwargs: Mapping[str, Any]) -> str | None:
+        """The endpoint's own conversation id, when it has one (the guard's conversation id)."""
+        return None
 
     # ------------------------------------------------ per endpoint
     def input_messages(self) -> list[Message]:
@@ -581,6 +596,19 @@ class _ResponsesCall(_Call):
 
     def input_messages(self) -> list[Message]:
         return _responses_messages(self.kwargs)
+
+    @staticmethod
+    def thread_id(kwargs: Mapping[str, Any]) -> str | None:
+        # ``conversation``: an OpenAI conversation id or {"id": ...}; stable over its turns
+        # (``previous_response_id`` is not: it changes every turn).
+        conversation = kwargs.get("conversation")
+        if isinstance(conversation, Mapping):
+            conversation = conversation.get("id")
+        else:
+            conversation = getattr(conversation, "id", conversation)
+        if isinstance(conversation, str) and 1 <= len(conversation) <= 256:
+            return conversation
+        return None
 
     def outputs(self, response: Any) -> list[tuple[int, list[Message]]]:
         return [(0, self.with_output(response_text(response)))]

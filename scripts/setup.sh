@@ -35,6 +35,22 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 # --- end web UI --------------------------------------------------------------------------
 
+# --- scale-out tests (tests/integration/test_scale_out.py, docs/scale-out.md) -------------
+# Debian's nginx runs docs/deploy/nginx/guardkit.conf in front of two replicas (consistent
+# hashing on X-Guardkit-Conversation). Checked on every run (before the stamp): only installed
+# when missing; the test skips without it. The test runs its own nginx on a free port (on a
+# host with systemd, apt also starts the package's default site on port 80; containers do not).
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's nginx (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+  else
+    echo "setup: nginx is missing (needs root and apt-get): the replica scale-out test will skip" >&2
+  fi
+fi
+# --- end scale-out -------------------------------------------------------------------------
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && healthy; then
   echo "setup: $VENV is up to date"
   exit 0

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -57,7 +58,15 @@ async def serve(config: ServerSettings) -> int:
     except StartupError as exc:
         _say(f"guardkit-server: error: {exc}")
         return 1
-    uv = uvicorn.Server(
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            await super().shutdown(sockets)
+            # Now, not after serve(): on SIGTERM uvicorn re-raises the signal when serve() ends,
+            # which kills the process before any finally runs, and vLLM's data-parallel
+            # coordinator process outlives it.
+            runtime.shutdown()
+
+    uv = _Server(
         uvicorn.Config(create_app(runtime), host=config.host, port=config.port, log_level="warning")
     )
     exit_code = 0

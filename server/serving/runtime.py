@@ -131,7 +131,8 @@ class ServerRuntime:
                 await self.registry.load_checked(directory, policies)
             except PolicyError as exc:
                 raise StartupError(str(exc)) from None
-        capacity = c.max_inflight_evaluations or engine_config.max_num_seqs
+        # vLLM runs max_num_seqs per data-parallel rank.
+        capacity = c.max_inflight_evaluations or engine_config.max_num_seqs * engine_config.data_parallel_size
         try:
             rate = await probe_rate(self._probe)
         except Exception as exc:

@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -174,6 +174,8 @@ def policy_info(p: LoadedPolicy) -> PolicyInfo:
         name=m.name, version=m.version, description=m.description, rule=m.rule, method=m.method,
         activated=m.activated, labels=m.labels, block_label=m.block_label, threshold=m.threshold,
         base_model=m.base_model.name, contract_version=m.contract_version,
+        test_accuracy=(m.training.get("test") or {}).get("accuracy"),
+        validation_accuracy=(m.training.get("validation") or {}).get("accuracy"),
     )
 
 
@@ -182,9 +184,19 @@ def policy_info(p: LoadedPolicy) -> PolicyInfo:
     responses=_errors(400, 401, 404, 413, 422, 429, 503),
 )
 async def post_guard(
-    body: GuardRequest, request: Request, who: Annotated[Tenant, Depends(tenant)]
+    body: GuardRequest, request: Request, who: Annotated[Tenant, Depends(tenant)],
+    x_guardkit_conversation: Annotated[
+        str | None,
+        Header(
+            max_length=256,
+            description="The conversation id when the body has none (what a load balancer "
+            "in front of replicas hashes; docs/scale-out.md).",
+        ),
+    ] = None,
 ) -> GuardResult:
     """Judge a conversation against policies; one verdict per policy plus the turn's decision."""
+    if body.conversation_id is None and x_guardkit_conversation:
+        body = body.model_copy(update={"conversation_id": x_guardkit_conversation})
     return await _server(request).fanout.run(body, who, request_id=request.state.request_id)
 
 

@@ -349,10 +349,9 @@ function loadPasted() {
 
 // ---------------------------------------------------------------------------- policies
 function accuracyOf(p) {
-  // GET /v1/policies does not carry the manifest's training record today; shown when it does.
-  const t = p.training || {};
-  const acc = (t.test && t.test.accuracy) ?? (t.validation && t.validation.accuracy);
-  return typeof acc === "number" ? `${(100 * acc).toFixed(1)} %${t.test ? " (test)" : " (validation)"}` : "—";
+  // From the policy's training record: its held-out test split if measured, else validation.
+  const acc = p.test_accuracy ?? p.validation_accuracy;
+  return typeof acc === "number" ? `${(100 * acc).toFixed(1)} %${p.test_accuracy != null ? " (test)" : " (validation)"}` : "—";
 }
 
 function canManage() {

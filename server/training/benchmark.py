@@ -7,6 +7,7 @@
     python -m guardkit_server.training.benchmark install  # copy the aLoRA policies into --target
     python -m guardkit_server.training.benchmark robustness  # suites through a real guardkit-server
     python -m guardkit_server.training.benchmark kv-cache    # fp8 vs bf16 KV cache: accuracy, bytes
+    python -m guardkit_server.training.benchmark kv-pruning  # attention-score KV pruning / mixed precision (HF path)
 
 Training runs are ordinary ``guardkit-server train`` invocations with one shared set of
 hyper-parameters per method (LoRA uses aLoRA's, as the aLoRA paper compares them); evaluation goes
@@ -353,7 +354,7 @@ def shipped_recipe(policy: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install", "robustness", "kv-cache"))
+    parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install", "robustness", "kv-cache", "kv-pruning"))
     parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
     parser.add_argument("--method", action="append", choices=list(RECIPES), help="a recipe (default: the three methods; eval: every trained one)")
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
@@ -368,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", type=Path, help="robustness: the policy folder to judge with (default: the built-ins)")
     parser.add_argument("--url", help="robustness: a running guardkit-server with those policies (default: start one)")
     parser.add_argument("--limit", type=int, help="robustness: about this many cases, evenly spread (a quick look)")
+    parser.add_argument("--per-policy", type=int, default=120, help="kv-pruning: test conversations per policy (a deterministic subsample)")
+    parser.add_argument("--model", help="kv-pruning: base model folder (default: the embedded SmolLM2)")
     args = parser.parse_args(argv)
     if args.stage == "train":
         train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS))
@@ -388,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         from guardkit_server.training import kvcache
 
         kvcache.run(args.out_dir, args.policies)
+    elif args.stage == "kv-pruning":
+        from guardkit_server.training import kv_pruning
+
+        kv_pruning.run(args.out_dir, args.policies, args.policy, args.per_policy, args.model)
     else:
         install(args.target, args.out_dir)
     return 0

@@ -188,16 +188,20 @@ def evaluate_loss(adapted: AdaptedModel, data: Sequence[Encoded], label_ids: Seq
     """Validation loss (full-vocabulary cross-entropy), accuracy over the labels (argmax) and each
     example's label probabilities (renormalised over the labels, as the server scores them)."""
     total, correct = 0.0, 0
-    probs: list[list[float]] = []
+    probs: list[list[float]] = [[] for _ in data]
+    # batched by length (little padding); the probabilities come back in the data's order
+    order = sorted(range(len(data)), key=lambda i: len(data[i].prefix) + len(data[i].suffix))
     with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            batch = data[i : i + batch_size]
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch = [data[i] for i in index]
             logits = adapted.logits(batch, fast=True)
             targets = torch.tensor([e.label_id for e in batch])
             total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
             logp = label_log_probs(logits, label_ids)
             correct += int((logp.argmax(-1) == torch.tensor([e.label_index for e in batch])).sum())
-            probs.extend(logp.float().exp().tolist())
+            for i, row in zip(index, logp.float().exp().tolist()):
+                probs[i] = row
     n = max(len(data), 1)
     return {"loss": total / n, "accuracy": correct / n, "n": len(data), "probs": probs}
 

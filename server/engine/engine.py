@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardkit_server.engine.adapters import AdapterError, AdapterInfo, ModelInfo, inspect_adapter
@@ -161,6 +162,7 @@ class Engine:
         self.config = config
         self.model = model or ModelInfo.from_path(str(config.model))
         self._llm: Any = None
+        self._cores: list[psutil.Process] = []
         self._ids = itertools.count(1)
         self._adapters: dict[str, Adapter] = {}
         self._lock = asyncio.Lock()
@@ -175,6 +177,7 @@ class Engine:
         # Building the engine blocks for the whole model load: off the event loop, so a server
         # keeps answering (503 while starting) meanwhile.
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._cores = _engine_core_processes()
         if plugin_enabled() and getattr(self._llm.vllm_config, "use_v2_model_runner", False):
             self.shutdown()  # this configuration forces the V2 runner, which is not patched
             raise EngineError(
@@ -185,7 +188,11 @@ class Engine:
     @property
     def alive(self) -> bool:
         """False before start, after shutdown, and as soon as the engine core process died."""
-        return self._llm is not None and not self._llm.errored
+        if self._llm is None or self._llm.errored:
+            return False
+        # vLLM notices a dead core from a monitor thread, late on a busy machine; the process
+        # table knows at once.
+        return all(_running(p) for p in self._cores)
 
     @property
     def max_model_len(self) -> int:
@@ -217,6 +224,7 @@ class Engine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        self._cores = []
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -369,3 +377,22 @@ def _root(exc: BaseException) -> str:
     if marker in text:
         text = text.split(marker, 1)[1].split(", please check", 1)[0].strip("'")
     return text
+
+
+def _engine_core_processes() -> list[psutil.Process]:
+    """The engine core processes vLLM started under this one (none when it runs in-process)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

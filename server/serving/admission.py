@@ -70,6 +70,7 @@ class Admission:
         self.in_flight = 0
         self.waiting = 0
         self.outstanding_cost = 0  # accepted and not finished: running and queued
+        self.accepted = 0  # evaluations of the calls accepted and not finished (running, tokenizing, queued)
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._done: collections.deque[tuple[float, int]] = collections.deque()  # (time, cost)
         self._busy_since: float | None = None
@@ -102,11 +103,12 @@ class Admission:
     def refuse_early(self, evaluations: int, cost: int, deadline_s: float) -> None:
         """Raise ``Overloaded`` now, before more work on the call, when ``admit`` would."""
         size = min(evaluations, self.capacity)
-        must_wait = self.in_flight + size > self.capacity or bool(self._waiters)
-        if must_wait and self.waiting + size > self.queue:
+        # Accepted calls still tokenizing count too: a burst is decided in arrival order, so the
+        # calls ahead of this one will need their room before it.
+        if self.accepted + size > self.capacity + self.queue:
             raise Overloaded(
                 f"guardkit-server is at capacity ({self.in_flight} policy evaluations running, "
-                f"{self.waiting} queued); retry shortly",
+                f"{self.accepted - self.in_flight} waiting); retry shortly",
                 self._retry_after(cost),
             )
         expected = self.expected_time_s(cost)
@@ -127,9 +129,11 @@ class Admission:
         self.refuse_early(evaluations, cost, deadline_s)
         ticket = Ticket(size, cost)
         self.outstanding_cost += cost
+        self.accepted += size
         try:
             yield ticket
         finally:
+            self.accepted -= size
             self._release(ticket)
 
     def settle(self, ticket: Ticket, cost: int) -> None:

@@ -169,14 +169,22 @@ class ServerRuntime:
         assert self.engine is not None
         while self.engine.alive:
             await asyncio.sleep(ENGINE_POLL_S)
-        if not self.ready:  # shut down on purpose
+        if not self.ready and not self.engine_failed:  # shut down on purpose
             return
-        self.ready = False
-        self.engine_failed = True
-        self.metrics.engine_up.set(0)
+        self._engine_died()
         self.metrics.observe_error("engine_dead")
         logger.error("guardkit-server: the engine core died; not ready, exiting for a restart")
         on_engine_death()
+
+    def check_engine(self) -> None:
+        """Not ready from the moment the engine is seen dead, before the supervisor's next look."""
+        if self.ready and self.engine is not None and not self.engine.alive:
+            self._engine_died()
+
+    def _engine_died(self) -> None:
+        self.ready = False
+        self.engine_failed = True
+        self.metrics.engine_up.set(0)
 
     def shutdown(self) -> None:
         self.ready = False

@@ -84,7 +84,9 @@ def _guardkit_train(args: list[str], log: Path) -> None:
         raise SystemExit(f"training failed ({rc}); see {log}")
 
 
-def train_all(policies: list[str], methods: list[str]) -> None:
+def train_all(policies: list[str], methods: list[str], epochs: int | None = None) -> None:
+    # The run's own manifest records the epochs it trained; an override shortens a run on a busy machine.
+    override = ["--epochs", str(epochs)] if epochs else []
     for policy in policies:
         for method in methods:
             out = run_dir(policy, method)
@@ -92,7 +94,7 @@ def train_all(policies: list[str], methods: list[str]) -> None:
                 print(f"skip {policy}/{method}: done", flush=True)
                 continue
             _guardkit_train(
-                ["--dataset", policy, "--out", str(out), *COMMON, *RECIPES[method]],
+                ["--dataset", policy, "--out", str(out), *COMMON, *RECIPES[method], *override],
                 out.parent / f"{method}.log",
             )
 
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", action="append", choices=list(RECIPES), help="a recipe (default: the three methods; eval: every trained one)")
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
     parser.add_argument("--stage-filter", action="append", help='eval-continual: only these stages, e.g. "after A then B"')
+    parser.add_argument("--epochs", type=int, help="train: instead of the common recipe's epochs (recorded in each run's manifest)")
     parser.add_argument("--b-steps", type=int, help="continual: optimizer steps on task B (default: B's whole recipe)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR,
                         help=f"eval, eval-continual, report: result JSON, markdown and plots; install: its "
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="kv-pruning: base model folder (default: the embedded SmolLM2)")
     args = parser.parse_args(argv)
     if args.stage == "train":
-        train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS))
+        train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS), args.epochs)
     elif args.stage == "continual":
         train_continual(args.method or list(CONTINUAL_METHODS), args.b_steps)
     elif args.stage == "eval":

@@ -264,6 +264,9 @@ def test_dashboard_counters_move_after_calls(guard_server, page):
     before = number(calls.inner_text())
     assert page.locator("#d-engine").inner_text() == "ready"
     assert number(page.locator("#d-adapters").inner_text()) >= 4
+    always_row = page.locator("#d-policies tr[data-policy=always] td")
+    # the server is shared with other tests, some of whose calls time out (errors, not blocks)
+    blocks_before = number(always_row.all_inner_texts()[1]) if always_row.count() else 0
 
     for _ in range(3):
         body = {"messages": [{"role": "user", "content": f"[{uuid.uuid4().hex}] hello"}], "policies": ["never", "always"]}
@@ -273,8 +276,9 @@ def test_dashboard_counters_move_after_calls(guard_server, page):
         assert time.monotonic() < deadline, f"guard calls shown: {calls.inner_text()}, expected {before + 3}"
         page.wait_for_timeout(250)
     assert page.locator("#d-policies tr[data-policy=always]").is_visible()
-    always = page.locator("#d-policies tr[data-policy=always] td").all_inner_texts()
-    assert always[2].strip() == "100.0 %"  # always blocks every call
+    always = always_row.all_inner_texts()
+    assert number(always[1]) >= blocks_before + 3  # always blocks every call it judges
+    assert float(always[2].strip().rstrip(" %")) > 0
     assert re.fullmatch(r"[\d.,]+ / [\d.,]+", page.locator("#d-latency").inner_text())
     assert page.locator("#c-rate svg path").count() == 1
     # calls/s over the last 10 s is above zero right after the calls

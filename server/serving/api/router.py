@@ -104,6 +104,7 @@ def admin(request: Request) -> None:
 
 def ready(request: Request) -> None:
     server = _server(request)
+    server.check_engine()
     if server.engine_failed:
         raise RouteError(503, "the engine has failed; the server is exiting for a restart")
     if not server.ready:
@@ -252,6 +253,7 @@ async def health() -> dict[str, str]:
 async def readiness(request: Request) -> JSONResponse:
     """200 when calls can be served, else 503; model and policies only for a known key."""
     server = _server(request)
+    server.check_engine()
     body: dict[str, object] = {"status": server.state}
     if _known_key(request) is not False:
         body["model"] = server.model_name

@@ -59,6 +59,9 @@ class Call:
     conversation_tokens: int = 0
     error: str | None = None
     group: int = 0  # which burst of a burst phase
+    # From the request's last byte sent to the response's headers read (httpx trace): the
+    # server's part, without the client's own queueing before the request is on the wire.
+    wire_ms: float | None = None
 
     @property
     def kind(self) -> str:
@@ -70,13 +73,21 @@ class Call:
 async def guard(http: httpx.AsyncClient, messages: list[dict[str, str]], policies: list[str],
                 timeout_ms: int, phase: str, client: int, t0: float) -> Call:
     body = {"messages": messages, "policies": policies, "timeout_ms": timeout_ms}
+    marks: dict[str, float] = {}
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event in ("http11.send_request_body.complete", "http11.receive_response_headers.complete"):
+            marks[event] = time.monotonic()
+
     started = time.monotonic()
     try:
-        response = await http.post("/v1/guard", json=body)
+        response = await http.post("/v1/guard", json=body, extensions={"trace": trace})
     except httpx.HTTPError as exc:
         return Call(phase, client, started - t0, (time.monotonic() - started) * 1000, 0,
                     error=f"{type(exc).__name__}: {exc}"[:200])
     call = Call(phase, client, started - t0, (time.monotonic() - started) * 1000, response.status_code)
+    if len(marks) == 2:
+        call.wire_ms = (marks["http11.receive_response_headers.complete"] - marks["http11.send_request_body.complete"]) * 1000
     if response.status_code == 429:
         try:
             call.retry_after_s = float(response.headers.get("retry-after", "1"))
@@ -86,7 +97,7 @@ async def guard(http: httpx.AsyncClient, messages: list[dict[str, str]], policie
             message = str(response.json()["error"]["message"])
         except (ValueError, KeyError, TypeError):
             message = response.text
-        call.error = "expected wait > deadline" if "expected wait" in message else (
+        call.error = "expected wait > deadline" if ("expected wait" in message or "expected time" in message) else (
             "at capacity (queue full)" if "at capacity" in message else message[:80])
     elif response.status_code == 200:
         result = response.json()
@@ -159,6 +170,7 @@ def summarize(calls: list[Call], elapsed_s: float, timeout_ms: int) -> dict[str,
     bad = [c for c in admitted if c.error_types or c.error]  # a 429's error is its reason
     latency = [c.wall_ms for c in admitted]
     refused = [c.wall_ms for c in rejected]
+    refused_wire = [c.wire_ms for c in rejected if c.wire_ms is not None]
     waited_out = [c for c in calls if c.wall_ms >= DEADLINE_SHARE * timeout_ms and (c.kind != "admitted" or c in bad)]
     evaluations = sum(c.verdicts - len(c.error_types) for c in admitted)
     return {
@@ -172,6 +184,7 @@ def summarize(calls: list[Call], elapsed_s: float, timeout_ms: int) -> dict[str,
         "failed_examples": sorted({f"{c.status}: {c.error}" for c in failed})[:3],
         "latency_ms": {f"p{q}": _r(percentile(latency, q)) for q in (50, 90, 99)} | {"max": _r(max(latency, default=None))},
         "rejected_ms": {f"p{q}": _r(percentile(refused, q)) for q in (50, 99)} | {"max": _r(max(refused, default=None))},
+        "rejected_wire_ms": {f"p{q}": _r(percentile(refused_wire, q)) for q in (50, 99)} | {"max": _r(max(refused_wire, default=None))},
         "rejected_over_100ms": sum(1 for x in refused if x >= REJECT_GOAL_MS),
         "rejected_reasons": dict(collections.Counter(c.error for c in rejected)),
         "retry_after_s": sorted(collections.Counter(c.retry_after_s for c in rejected).items()),
@@ -183,6 +196,7 @@ def summarize(calls: list[Call], elapsed_s: float, timeout_ms: int) -> dict[str,
         "goals": {
             "no_error_verdicts_when_admitted": not bad,
             "rejected_under_100ms": not refused or (percentile(refused, 99) or 0) < REJECT_GOAL_MS,
+            "rejected_under_100ms_on_the_wire": not refused_wire or (percentile(refused_wire, 99) or 0) < REJECT_GOAL_MS,
             "no_deadline_waits": not waited_out,
         },
     }
@@ -260,21 +274,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"Bursts: {s['burst']} calls released at once, {s['bursts']} times, {s['burst_gap_s']:g} s "
         "apart, first answer only.",
         "",
-        "| phase | calls | admitted | with error verdicts | 429 | 429 answer p50 / p99 / max | admitted p50 / p99 / max "
+        "| phase | calls | admitted | with error verdicts | 429 | 429 answer p50 / p99 / max | 429 on the wire p50 / p99 "
+        "| admitted p50 / p99 / max "
         "| calls/s | evals/s | waited deadline, failed | other failures | tokens mean / max | RSS before → after (peak) | load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ran = [p for p in result["phases"] if "summary" in p]
     for p in result["phases"]:
         if "summary" not in p:
-            lines.append(f"| {p['name']} | not run: {p['not_run']} |" + " |" * 12)
+            lines.append(f"| {p['name']} | not run: {p['not_run']} |" + " |" * 13)
             continue
         x, rss = p["summary"], p["rss_mb"]
         lat, rej, tok = x["latency_ms"], x["rejected_ms"], x["conversation_tokens"]
+        wire = x.get("rejected_wire_ms", {})
         errors = f"{x['admitted_with_error_verdicts']} ({x['error_verdicts']} verdicts)" if x["error_verdicts"] else str(x["admitted_with_error_verdicts"])
         lines.append(
             f"| {p['name']} | {x['calls']:,} | {x['admitted']:,} | {errors} | {x['rejected_429']:,} "
             f"| {_ms(rej['p50'])} / {_ms(rej['p99'])} / {_ms(rej['max'])} "
+            f"| {_ms(wire.get('p50'))} / {_ms(wire.get('p99'))} "
             f"| {_ms(lat['p50'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} | {x['admitted_calls_per_s']} "
             f"| {x['evaluations_per_s']} | {x['waited_deadline_then_failed']} | {x['failed_other']} "
             f"| {tok['mean']} / {tok['max']} | {rss['before']:,.0f} → {rss['after']:,.0f} ({rss['peak']:,.0f}) MB "
@@ -291,13 +308,14 @@ def markdown(result: dict[str, Any]) -> str:
                              f"| {x['rejected_429']} | {_ms(x['rejected_ms']['p99'])} | {_ms(x['latency_ms']['p50'])} / "
                              f"{_ms(x['latency_ms']['max'])} | {x['waited_deadline_then_failed']} |")
     lines += ["", "Goals per phase (✓ met, ✗ missed):", "",
-              "| phase | 0 error verdicts among admitted | 429 p99 < 100 ms | no call waits its deadline to fail |",
-              "|---|:-:|:-:|:-:|"]
+              "| phase | 0 error verdicts among admitted | 429 p99 < 100 ms | 429 p99 < 100 ms on the wire | no call waits its deadline to fail |",
+              "|---|:-:|:-:|:-:|:-:|"]
     mark = lambda ok: "✓" if ok else "✗"  # noqa: E731
     for p in ran:
         g = p["summary"]["goals"]
         lines.append(f"| {p['name']} | {mark(g['no_error_verdicts_when_admitted'])} | "
-                     f"{mark(g['rejected_under_100ms'])} | {mark(g['no_deadline_waits'])} |")
+                     f"{mark(g['rejected_under_100ms'])} | {mark(g.get('rejected_under_100ms_on_the_wire', False))} "
+                     f"| {mark(g['no_deadline_waits'])} |")
     details = [p for p in ran if p["summary"]["error_verdict_types"] or p["summary"]["failed_examples"]
                or "server_exit" in p]
     if details:
@@ -315,6 +333,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Latency = the guard call's wall time at the client (queueing in admission included). "
+        "'On the wire' = from the request's last byte sent to the response headers read (httpx trace "
+        "events): the server's part without the client's own queueing, which on a 2-core machine "
+        "running client, server and engine together is most of a burst's wait. "
         "evals/s = verdicts without error per second of the phase. 'Waited deadline, failed' = "
         f"answered after ≥ {DEADLINE_SHARE:.0%} of the deadline with an error (or not admitted). RSS = "
         "the server process and its children (the vLLM engine core), summed; load avg = mean 1-minute "

@@ -21,8 +21,9 @@ def _calls() -> list[Call]:
     errored = Call("p", 10, start_s=1.0, wall_ms=30_050.0, status=200, verdicts=3,
                    error_types=["timeout", "timeout"], conversation_tokens=500)
     rejected = [Call("p", 11, start_s=2.0 + i, wall_ms=5.0 + i, status=429, retry_after_s=1.0,
-                     error="at capacity (queue full)") for i in range(4)]
-    slow_reject = Call("p", 12, start_s=3.0, wall_ms=150.0, status=429, retry_after_s=2.0,
+                     error="at capacity (queue full)", wire_ms=2.0 + i) for i in range(4)]
+    # slow at the client (queued there), quick on the wire
+    slow_reject = Call("p", 12, start_s=3.0, wall_ms=150.0, wire_ms=20.0, status=429, retry_after_s=2.0,
                        error="expected wait > deadline")
     dropped = Call("p", 13, start_s=4.0, wall_ms=1.0, status=0, error="ConnectError: refused")
     return [*ok, errored, *rejected, slow_reject, dropped]
@@ -40,8 +41,9 @@ def test_summary_counts_and_goals() -> None:
     assert s["latency_ms"]["p50"] == 1050.0 and s["latency_ms"]["max"] == 30_050.0
     assert s["admitted_calls_per_s"] == 1.1
     assert s["evaluations_per_s"] == 3.1  # 10 calls x 3 + 1 good verdict of the errored call
+    assert s["rejected_wire_ms"]["max"] == 20.0
     assert s["goals"] == {"no_error_verdicts_when_admitted": False, "rejected_under_100ms": False,
-                          "no_deadline_waits": False}
+                          "rejected_under_100ms_on_the_wire": True, "no_deadline_waits": False}
     clean = summarize(_calls()[:10], elapsed_s=10.0, timeout_ms=DEADLINE_MS)
     assert all(clean["goals"].values()) and clean["rejected_ms"]["p99"] is None
 

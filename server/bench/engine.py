@@ -513,10 +513,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from guardkit_server.bench.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in result["rows"] if "wall_ms" in r]
     modes = [m for m in result["settings"]["modes"] if any(r["mode"] == m for r in rows)]
@@ -541,12 +540,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result))
-    plot(result, paths[2])
-    return paths
+    from guardkit_server.bench.report import write_outputs as write
+
+    return write(result, out_dir, name, markdown, plot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -347,9 +347,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def figure(result: dict[str, Any], path: Path) -> None:
-    from guardkit_server.bench.report import _plt
+    from guardkit_server.bench.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     phases = [p for p in result["phases"] if "summary" in p]
     timeout = result["settings"]["timeout_ms"]
     fig, axes = plt.subplots(max(1, len(phases)), 2, figsize=(12, 3.0 * max(1, len(phases))), squeeze=False)
@@ -407,12 +407,9 @@ def figure(result: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result))
-    figure(result, paths[2])
-    return paths
+    from guardkit_server.bench.report import write_outputs as write
+
+    return write(result, out_dir, name, markdown, figure)
 
 
 # ------------------------------------------------------------------ measuring

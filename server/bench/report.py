@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------- figures
-def _plt():  # type: ignore[no-untyped-def]
+def pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib's pyplot on the file-only backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +216,7 @@ def figure_latency(grid: Sequence[dict[str, Any]], by: str, fixed: int, path: Pa
     if not ok:
         return None
     fixed = _nearest(sorted({r[other] for r in ok}), fixed)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, style in (("lora", "s-"), ("alora", "o-"), ("base", "^--")):
         pts = sorted((r[by], r["latency_ms"]) for r in ok if r["mode"] == mode and r[other] == fixed)
@@ -233,7 +235,7 @@ def figure_latency(grid: Sequence[dict[str, Any]], by: str, fixed: int, path: Pa
 
 
 def figure_multiturn(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(r["mode"] for r in rows):
         pts = sorted((r["turn"], r["wall_ms"], r["conversation_tokens"]) for r in rows
@@ -249,3 +251,14 @@ def figure_multiturn(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, name: str,
+                  markdown: Callable[[dict[str, Any]], str], figure: Callable[[dict[str, Any], Path], None]) -> list[Path]:
+    """A benchmark's ``name``.json, .md and .png in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    paths[1].write_text(markdown(result))
+    figure(result, paths[2])
+    return paths

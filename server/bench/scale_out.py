@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import re
 import sys
 import tempfile
@@ -379,10 +378,9 @@ def _latency_ratio(x: dict[str, Any], base: dict[str, Any]) -> str:
 
 
 def figure(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from guardkit_server.bench.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     by = {p["phase"]: p["summary"] for p in result["phases"]}
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4))
@@ -414,12 +412,9 @@ def figure(result: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result))
-    figure(result, paths[2])
-    return paths
+    from guardkit_server.bench.report import write_outputs as write
+
+    return write(result, out_dir, name, markdown, figure)
 
 
 # ------------------------------------------------------------------------ main

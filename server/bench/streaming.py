@@ -356,10 +356,9 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
 
 
 def write_plot(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from guardkit_server.bench.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cost, ttft = cost_table(data), ttft_table(data)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))

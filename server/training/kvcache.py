@@ -102,10 +102,9 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
 
 
 def _plot(path: Path, data: dict[str, Any]) -> None:
-    import matplotlib
+    from guardkit_server.bench.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = data["results"]
     policies = list(dict.fromkeys(r["policy"] for r in rows))

@@ -139,10 +139,9 @@ def write_continual_report(folder: Path) -> None:
 
 
 def _bar_plot(path: Path, rows: list[dict[str, Any]], *, group_key: str, series_key: str, series: tuple[str, ...], title: str) -> None:
-    import matplotlib
+    from guardkit_server.bench.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = list(dict.fromkeys(r[group_key] for r in rows))
     present = [s for s in series if any(r[series_key] == s for r in rows)]

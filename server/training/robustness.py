@@ -200,10 +200,9 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
 
 
 def plot(path: Path, data: dict[str, Any]) -> None:
-    import matplotlib
+    from guardkit_server.bench.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = data["results"]
     policies = list(dict.fromkeys(r["policy"] for r in rows))

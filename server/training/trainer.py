@@ -400,10 +400,9 @@ def write_log(folder: Path, log: TrainLog, title: str) -> None:
 
 
 def plot_loss(path: Path, log: TrainLog, title: str) -> None:
-    import matplotlib
+    from guardkit_server.bench.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=90)
     if log.loss:

@@ -123,15 +123,15 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
     """jobs: (dataset, policy folder, label, zero-shot, prompt folder) -> metrics on the dataset's
     test split; a prompt folder's rule replaces the policy's own (None: keep it).
 
-    Metrics at the default threshold 0.5; ``tune_threshold`` adds them at the threshold that is most
-    accurate on the dataset's validation split (scored the same way), for every cell alike.
+    Metrics at the default threshold 0.5; ``tune_threshold`` adds them, for trained cells, at the
+    threshold ``install`` ships (``threshold_decision``: picked on the validation split).
     """
     from guardkit_server.engine.assets import ensure_default_model
     from guardkit_server.engine.engine import Engine, EngineConfig
     from guardkit_server.policies.manifest import load_manifest
     from guardkit_server.training.datasets import builtin_dataset
     from guardkit_server.training.evaluate import contract_for, score_with_engine
-    from guardkit_server.training.metrics import compute_metrics, metrics_at_best_threshold
+    from guardkit_server.training.metrics import compute_metrics
 
     model = str(ensure_default_model())
     engine = Engine(EngineConfig(model=model, max_loras=2, max_cpu_loras=4, max_lora_rank=8, max_model_len=4096))
@@ -146,12 +146,11 @@ async def _evaluate(jobs: list[tuple[str, Path, str, bool, Path | None]], tune_t
             common = {"zero_shot": zero_shot, "prompt_from": prompt_from}
             report = await score_with_engine(engine, contract, folder, splits["test"], threshold=0.5, **common)
             tuned: dict[str, Any] = {}
-            if tune_threshold:
-                val = await score_with_engine(engine, contract, folder, splits["validation"], **common)
-                on_val = metrics_at_best_threshold(val.scores, val.truth)
-                at = compute_metrics(report.scores, report.truth, on_val.threshold)
+            if tune_threshold and not zero_shot and prompt_from is None:
+                decision = threshold_decision(folder)  # from the validation split only
+                at = compute_metrics(report.scores, report.truth, decision["chosen"])
                 tuned = {"tuned": {
-                    "threshold": on_val.threshold, "validation_accuracy": on_val.accuracy,
+                    "threshold": decision["chosen"], "validation": decision,
                     **{k: getattr(at, k) for k in ("accuracy", "precision", "recall", "f1")},
                 }}
             m = report.metrics
@@ -208,7 +207,7 @@ def evaluate_accuracy(policies: list[str], models: list[str], out_dir: Path = BE
     jobs = []
     for policy in policies:
         for model in models:
-            folder = run_dir(policy, "alora" if model == "zero-shot" else model)
+            folder = run_dir(policy, shipped_recipe(policy) if model == "zero-shot" else model)
             if not (folder / "guardkit-policy.json").exists():
                 print(f"skip {policy}/{model}: not trained", flush=True)
                 continue
@@ -309,8 +308,7 @@ def install(target: Path | None = None, bench_dir: Path = BENCH_DIR) -> None:
     """Copy each policy's best aLoRA run into ``target`` (adapter, manifest, loss curve; no state).
 
     Best = the shippable recipe whose run had the higher validation accuracy (then lower validation
-    loss) in training: never the test split. Shipped at threshold 0.5: tuning it on the validation
-    split did not carry over to the test split for trained adapters (docs/benchmarks/accuracy.md).
+    loss) in training: never the test split. Its threshold: ``threshold_decision``.
     ``bench_dir``: where accuracy.json is read for the test metrics recorded in each manifest.
     """
     from guardkit_server.policies.manifest import load_manifest, write_manifest
@@ -328,18 +326,52 @@ def install(target: Path | None = None, bench_dir: Path = BENCH_DIR) -> None:
         for name in ("adapter_config.json", "adapter_model.safetensors", "training_log.json", "loss.png"):
             shutil.copy2(src / name, partial / name)
         manifest = load_manifest(src)
-        training = {**manifest.training, "recipe": recipe,
-                    "threshold": "0.5: a validation-tuned one did not carry over to the test splits (docs/benchmarks/accuracy.md)"}
+        decision = threshold_decision(src)
+        training = {**manifest.training, "recipe": recipe, "threshold": {
+            **decision, "rule": f"the most accurate on the validation split when it beats 0.5 there by "
+                                f"{THRESHOLD_GAIN:.0%} or more, else 0.5"}}
         test = next((r for r in accuracy["results"] if r["dataset"] == policy and r["model"] == recipe), None)
         if test is not None:
             m = test["metrics"]
             training["test"] = {k: m[k] for k in ("n", "accuracy", "precision", "recall", "f1", "ece", "brier", "confusion")}
             training["test"]["measured"] = "through the patched vLLM engine (docs/benchmarks/accuracy.json)"
         training.get("environment", {}).pop("cpus", None)
-        write_manifest(partial, manifest.model_copy(update={"threshold": 0.5, "training": training}))
+        write_manifest(partial, manifest.model_copy(update={"threshold": decision["chosen"], "training": training}))
         shutil.rmtree(dst, ignore_errors=True)
         partial.rename(dst)
         print(f"installed {dst} ({recipe})")
+
+
+# A validation-picked threshold ships only when it beats 0.5 there by this much: small gains did
+# not carry over to the test splits (v1, docs/benchmarks/accuracy.md); a miscalibrated adapter's
+# large ones do.
+THRESHOLD_GAIN = 0.02
+
+
+def validation_scores(folder: Path) -> dict[str, Any]:
+    """A trained run's validation split scored through the engine, cached beside the run."""
+    from guardkit_server.policies.manifest import load_manifest
+
+    out = folder / "validation-scores.json"
+    if not out.exists():
+        dataset = load_manifest(folder).training["datasets"]["names"][0]
+        cmd = [sys.executable, "-m", "guardkit_server.cli", "eval", str(folder), "--dataset", dataset,
+               "--split", "validation", "--out", str(out), "--quiet"]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.check_call(cmd)
+    return json.loads(out.read_text())
+
+
+def threshold_decision(folder: Path) -> dict[str, Any]:
+    """The threshold to ship for a trained run, decided on its validation scores alone."""
+    from guardkit_server.training.metrics import compute_metrics, metrics_at_best_threshold
+
+    data = validation_scores(folder)
+    scores, truth = data["scores"], [bool(t) for t in data["truth"]]
+    default, best = compute_metrics(scores, truth, 0.5), metrics_at_best_threshold(scores, truth)
+    chosen = best.threshold if best.accuracy - default.accuracy >= THRESHOLD_GAIN else 0.5
+    return {"chosen": round(chosen, 4), "validation_n": len(scores), "validation_accuracy_at_0.5": default.accuracy,
+            "best_on_validation": round(best.threshold, 4), "validation_accuracy_at_best": best.accuracy}
 
 
 def shipped_recipe(policy: str) -> str:

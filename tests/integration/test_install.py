@@ -329,8 +329,15 @@ def test_training_benchmark_install_writes_to_its_target(server_venv: Path, trai
     from guardkit_server.training.datasets import BUILTIN_POLICIES
 
     work, env = scratch
-    for policy in BUILTIN_POLICIES:  # the trained toy policy stands in for every built-in run
-        shutil.copytree(trained["out"], Path(env["GUARDKIT_BENCH_DIR"]) / "runs" / policy / "alora")
+    # The trained toy policy stands in for every built-in run, with validation scores (as
+    # ``guardkit-server eval --split validation --out`` writes them): the first policy's are
+    # miscalibrated (all above 0.5, ranked right), so it ships the threshold picked on them.
+    miscalibrated = {"scores": [0.6, 0.7, 0.9, 0.95], "truth": [False, False, True, True]}
+    calibrated = {"scores": [0.2, 0.3, 0.7, 0.8], "truth": [False, False, True, True]}
+    for i, policy in enumerate(BUILTIN_POLICIES):
+        run = Path(env["GUARDKIT_BENCH_DIR"]) / "runs" / policy / "alora"
+        shutil.copytree(trained["out"], run)
+        (run / "validation-scores.json").write_text(json.dumps(calibrated if i else miscalibrated))
     install = [server_venv, "-m", "guardkit_server.training.benchmark", "install"]
     target = tmp_path / "builtin"
     checkout = tmp_path / "checkout"
@@ -343,9 +350,12 @@ def test_training_benchmark_install_writes_to_its_target(server_venv: Path, trai
     assert list(work.iterdir()) == []
     for folder in (target, checkout / "server" / "policies" / "builtin"):
         assert sorted(p.name for p in folder.iterdir()) == sorted(BUILTIN_POLICIES)
-        for policy in BUILTIN_POLICIES:
+        for i, policy in enumerate(BUILTIN_POLICIES):
             manifest = json.loads((folder / policy / "guardkit-policy.json").read_text())
-            assert manifest["threshold"] == 0.5 and manifest["training"]["recipe"] == "alora"
+            assert manifest["training"]["recipe"] == "alora"
+            decision = manifest["training"]["threshold"]
+            assert manifest["threshold"] == decision["chosen"] == (0.8 if i == 0 else 0.5), decision
+            assert decision["validation_accuracy_at_0.5"] == (0.5 if i == 0 else 1.0)
             assert not (folder / policy / "training_state.safetensors").exists()
 
 

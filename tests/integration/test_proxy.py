@@ -116,7 +116,7 @@ async def in_process(upstream: ScriptedUpstream | None, fanout: ScriptedFanOut |
     runtime = SimpleNamespace(
         config=config, metrics=Metrics(), fanout=fanout or ScriptedFanOut(),
         registry=SimpleNamespace(snapshot=lambda: {"word": None}),
-        ready=True, engine_failed=False, state="ready", model_name="scripted",
+        ready=True, engine_failed=False, check_engine=lambda: None, state="ready", model_name="scripted",
     )
     app = create_app(runtime)  # type: ignore[arg-type]
     proxy = app.state.proxy
@@ -303,7 +303,7 @@ async def test_a_client_hanging_up_ends_the_upstream_call():
     runtime = SimpleNamespace(
         config=ServerSettings(upstream=upstream.url, builtin_policies=False, proxy_check_chars=8),
         metrics=Metrics(), fanout=ScriptedFanOut(), registry=SimpleNamespace(snapshot=lambda: {}),
-        ready=True, engine_failed=False,
+        ready=True, engine_failed=False, check_engine=lambda: None,
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(runtime), port=port, log_level="warning"))  # type: ignore[arg-type]
@@ -334,7 +334,7 @@ async def test_the_proxy_is_served_only_with_an_upstream_and_closes_its_client()
     from guardkit_server.serving.metrics import Metrics
 
     plain = SimpleNamespace(config=ServerSettings(builtin_policies=False), metrics=Metrics(),
-                            ready=True, engine_failed=False)
+                            ready=True, engine_failed=False, check_engine=lambda: None)
     app = create_app(plain)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gk") as client:
         assert (await client.post("/v1/chat/completions", json=chat())).status_code == 404

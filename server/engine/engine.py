@@ -176,8 +176,9 @@ class Engine:
         args = AsyncEngineArgs(**self.config.engine_args())
         # Building the engine blocks for the whole model load: off the event loop, so a server
         # keeps answering (503 while starting) meanwhile.
+        before = {p.pid for p in _engine_core_processes()}  # other engines in this process keep theirs
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-        self._cores = _engine_core_processes()
+        self._cores = [p for p in _engine_core_processes() if p.pid not in before]
         if plugin_enabled() and getattr(self._llm.vllm_config, "use_v2_model_runner", False):
             self.shutdown()  # this configuration forces the V2 runner, which is not patched
             raise EngineError(

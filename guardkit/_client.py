@@ -38,6 +38,7 @@ from .types import (
     PolicyInfo,
     PolicyList,
     PolicyLoadRequest,
+    RulePolicy,
     Stage,
 )
 
@@ -234,6 +235,15 @@ class Policies:
         body = PolicyLoadRequest(path=str(path), replace=replace)
         return self._client._request(self._req("POST", "/v1/policies", PolicyInfo, body, retries=False))  # type: ignore[no-any-return]
 
+    def add_rule(
+        self, name: str, rule: str, *, adapter: str = "judge", threshold: float | None = None,
+        description: str = "", replace: bool = False,
+    ) -> PolicyInfo:
+        """A rule policy from a sentence, served by the server's judge adapter (no training)."""
+        spec = RulePolicy(name=name, rule=rule, adapter=adapter, threshold=threshold, description=description)
+        body = PolicyLoadRequest(rule=spec, replace=replace)
+        return self._client._request(self._req("POST", "/v1/policies", PolicyInfo, body, retries=False))  # type: ignore[no-any-return]
+
     def delete(self, name: str) -> PolicyInfo:
         return self._client._request(self._req("DELETE", f"/v1/policies/{name}", PolicyInfo, retries=False))  # type: ignore[no-any-return]
 
@@ -386,6 +396,15 @@ class AsyncPolicies:
 
     async def load(self, path: str, *, replace: bool = False) -> PolicyInfo:
         body = PolicyLoadRequest(path=str(path), replace=replace)
+        return await self._client._request(self._req("POST", "/v1/policies", PolicyInfo, body, retries=False))  # type: ignore[no-any-return]
+
+    async def add_rule(
+        self, name: str, rule: str, *, adapter: str = "judge", threshold: float | None = None,
+        description: str = "", replace: bool = False,
+    ) -> PolicyInfo:
+        """A rule policy from a sentence, served by the server's judge adapter (no training)."""
+        spec = RulePolicy(name=name, rule=rule, adapter=adapter, threshold=threshold, description=description)
+        body = PolicyLoadRequest(rule=spec, replace=replace)
         return await self._client._request(self._req("POST", "/v1/policies", PolicyInfo, body, retries=False))  # type: ignore[no-any-return]
 
     async def delete(self, name: str) -> PolicyInfo:

@@ -1,6 +1,7 @@
-"""``guardkit policies list | add | remove | rescan``: the policies a running guardkit-server has
-loaded, over its admin API (``GET`` / ``POST /v1/policies``, ``DELETE /v1/policies/{name}``,
-``POST /v1/policies/rescan``).
+"""``guardkit policies list | add | add-rule | remove | rescan``: the policies a running
+guardkit-server has loaded, over its admin API (``GET`` / ``POST /v1/policies``,
+``DELETE /v1/policies/{name}``, ``POST /v1/policies/rescan``); and ``guardkit policies new``,
+which writes a rule-policy folder (no server needed).
 
 Reading needs any key the server knows; changing needs the admin key (``--api-key`` or
 ``$GUARDKIT_API_KEY``). Exit status:
@@ -20,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from ._client import Guardkit
 from ._exceptions import (
     APIStatusError,
@@ -31,7 +34,7 @@ from ._exceptions import (
     PermissionDeniedError,
     UnprocessableEntityError,
 )
-from .types import PolicyInfo
+from .types import PolicyInfo, RulePolicy
 
 # Loading an adapter can take a while on a busy (or CPU) engine.
 POLICY_TIMEOUT = 120.0
@@ -61,17 +64,35 @@ def configure_policies(parser: argparse.ArgumentParser) -> None:
     )
     add.add_argument("--replace", action="store_true",
                      help="swap out a loaded policy of the same name (atomically)")
+    add_rule = sub.add_parser("add-rule", help="load a rule policy: a sentence judged by the server's judge adapter")
+    _rule_arguments(add_rule)
+    add_rule.add_argument("--replace", action="store_true", help="swap out a loaded policy of the same name")
+    new = sub.add_parser("new", help="write a rule-policy folder (guardkit-policy.json) to add or ship")
+    _rule_arguments(new)
+    new.add_argument("--labels", help="comma-separated single-token labels (default: the judge's, Yes,No)")
+    new.add_argument("--block-label", help="the label that means 'breaks the rule' (default: the judge's, Yes)")
+    new.add_argument("--dir", type=Path, default=Path("."), help="where the folder NAME is written (default .)")
     remove = sub.add_parser("remove", help="unload a policy (calls using it finish first)")
     remove.add_argument("name")
     rescan = sub.add_parser(
         "rescan", help="re-read the server's policy directories: add new folders, replace "
         "changed ones, drop removed ones",
     )
-    for p in (listing, add, remove, rescan):
+    for p in (listing, add, add_rule, remove, rescan):
         add_connection_arguments(p, timeout=POLICY_TIMEOUT)
 
 
+def _rule_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the policy name (lowercase letters, digits, . _ -)")
+    parser.add_argument("--rule", required=True, help="what the policy forbids, in a sentence or two")
+    parser.add_argument("--adapter", default="judge", help="the judge adapter that serves it (default: judge)")
+    parser.add_argument("--threshold", type=float, default=None, help="block when the score reaches it (default: the judge's)")
+    parser.add_argument("--description", default="")
+
+
 def run_policies(args: argparse.Namespace) -> int:
+    if args.action == "new":
+        return _new(args)
     client = Guardkit(base_url=args.base_url, api_key=args.api_key, timeout=args.timeout, max_retries=args.retries)
     with client:
         try:
@@ -129,6 +150,43 @@ def _add(client: Guardkit, args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rule(client: Guardkit, args: argparse.Namespace) -> int:
+    info = client.policies.add_rule(
+        args.name, args.rule, adapter=args.adapter, threshold=args.threshold,
+        description=args.description, replace=args.replace,
+    )
+    if args.json:
+        _print_json(info.model_dump(mode="json"))
+    else:
+        print(f"loaded {_describe(info)} on judge {info.adapter!r}")
+    return 0
+
+
+def _new(args: argparse.Namespace) -> int:
+    try:
+        spec = RulePolicy(
+            name=args.name, rule=args.rule, adapter=args.adapter, threshold=args.threshold, description=args.description,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"guardkit policies new: {problems}", file=sys.stderr)
+        return 2
+    manifest: dict[str, Any] = {"method": "judge", **spec.model_dump(exclude_none=True)}
+    if args.labels:
+        manifest["labels"] = [label.strip() for label in args.labels.split(",")]
+    if args.block_label:
+        manifest["block_label"] = args.block_label
+    folder = args.dir / spec.name
+    path = folder / "guardkit-policy.json"
+    if path.exists():
+        print(f"guardkit policies new: {path} exists; pick another name or --dir", file=sys.stderr)
+        return 1
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {path}: load it with `guardkit policies add {folder}` or put it in a --policies directory")
+    return 0
+
+
 def _remove(client: Guardkit, args: argparse.Namespace) -> int:
     info = client.policies.delete(args.name)
     if args.json:
@@ -161,4 +219,4 @@ def _one_line(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_ACTIONS = {"list": _list, "add": _add, "remove": _remove, "rescan": _rescan}
+_ACTIONS = {"list": _list, "add": _add, "add-rule": _add_rule, "remove": _remove, "rescan": _rescan}

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     check = sub.add_parser("check", help="judge a conversation against a running guardkit-server")
     configure_check(check)
-    policies = sub.add_parser("policies", help="list, add, remove or rescan the server's policies")
+    policies = sub.add_parser(
+        "policies", aliases=["policy"], help="list, add, remove or rescan the server's policies; write a rule policy (new)",
+    )
     configure_policies(policies)
     return parser
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
               "(pip install 'guardkit[cpu,train]')", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    if args.command == "policies":
+    if args.command in ("policies", "policy"):
         return run_policies(args)
     return int(run_check(args) or 0)
 

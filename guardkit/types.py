@@ -41,6 +41,7 @@ __all__ = [
     "PolicyInfo",
     "PolicyList",
     "PolicyLoadRequest",
+    "RulePolicy",
     "ErrorDetail",
     "ErrorResponse",
 ]
@@ -238,7 +239,9 @@ class PolicyInfo(BaseModel):
     version: str
     description: str = ""
     rule: str
-    method: str = Field(description="How the adapter was trained: alora, lora or curlora.")
+    method: str = Field(description="How the adapter was trained: alora, lora or curlora; judge: a rule policy "
+                        "served by a shared judge adapter; base: zero-shot on the base model.")
+    adapter: str | None = Field(default=None, description="method judge: the judge adapter it shares.")
     activated: bool = Field(description="True when the adapter switches on at its invocation.")
     labels: list[str]
     block_label: str
@@ -257,20 +260,49 @@ class PolicyList(BaseModel):
     policies: list[PolicyInfo]
 
 
+POLICY_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+
+
+class RulePolicy(BaseModel):
+    """A policy written as a sentence: served by a judge adapter the server has, no training."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=POLICY_NAME_PATTERN)
+    rule: str = Field(min_length=1, max_length=4000, description="What the policy forbids, in a sentence or two.")
+    adapter: str = Field(default="judge", pattern=POLICY_NAME_PATTERN, description="A judge adapter of the server, by name.")
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0, description="Default: the judge's.")
+    description: str = Field(default="", max_length=2000)
+
+    @field_validator("rule")
+    @classmethod
+    def _has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the rule is empty")
+        return " ".join(value.split())
+
+
 class PolicyLoadRequest(BaseModel):
-    """POST /v1/policies: load (or replace) a policy folder that is on the server's disk."""
+    """POST /v1/policies: load (or replace) a policy folder that is on the server's disk, or a rule
+    policy (``rule``) served by one of the server's judge adapters. Exactly one of the two."""
 
     model_config = ConfigDict(extra="forbid")
     _valid_unicode = model_validator(mode="before")(classmethod(lambda cls, v: _check_unicode(v)))
-    path: str = Field(min_length=1)
+    path: str | None = Field(default=None, min_length=1)
+    rule: RulePolicy | None = None
     replace: StrictBool = False
 
     @field_validator("path")
     @classmethod
-    def _no_nul(cls, value: str) -> str:
-        if "\x00" in value:
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
             raise ValueError("path contains a NUL character")
         return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PolicyLoadRequest:
+        if (self.path is None) == (self.rule is None):
+            raise ValueError("give exactly one of 'path' (a policy folder) or 'rule' (a rule policy)")
+        return self
 
 
 class ErrorDetail(BaseModel):

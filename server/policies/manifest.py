@@ -3,6 +3,12 @@
 Method ``base`` is a zero-shot policy: the manifest alone, judged by the base model with no
 adapter (a quick start before training, and the ideal-sharing baseline in benchmarks).
 
+Method ``judge`` is a rule policy: the manifest alone (or one entry of a rules file), judged by a
+shared *judge* adapter (``kind: judge``), an aLoRA trained across many rules with the rule text in
+its policy turn. ``adapter`` names it; every rule policy of one judge shares its one engine slot.
+The judge supplies what it was trained with (base model, invocation ids, length rule; labels and
+question unless the rule sets its own): ``with_judge`` fills them in.
+
 The manifest says what the adapter judges (rule text, labels, which label blocks, threshold),
 how it was trained (method, base model, prompt-contract version) and its invocation ids.
 Training writes it; the server's registry reads and checks it.
@@ -27,7 +33,9 @@ from guardkit_server.policies.contract import (
 
 MANIFEST_FILE = "guardkit-policy.json"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
-Method = Literal["alora", "lora", "curlora", "base"]
+Method = Literal["alora", "lora", "curlora", "base", "judge"]
+Kind = Literal["policy", "judge"]
+JUDGE_RULE = "Any written rule: each rule policy that uses this judge puts its own rule text here."
 
 
 class PolicyError(ValueError):
@@ -56,7 +64,13 @@ class PolicyManifest(BaseModel):
     block_label: str = "Yes"
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     method: Method = "alora"
-    base_model: BaseModelRef
+    kind: Kind = Field(default="policy", description="judge: an adapter that rule policies share, not a policy")
+    adapter: str | None = Field(
+        default=None, min_length=1,
+        description="method judge: the judge adapter, by name (a judge folder beside this one or in the "
+        "server's judge directories) or by path (relative to this manifest)",
+    )
+    base_model: BaseModelRef | None = None
     contract_version: str = CONTRACT_VERSION
     invocation_ids: list[int] | None = None
     max_conversation_tokens: int = Field(
@@ -74,14 +88,41 @@ class PolicyManifest(BaseModel):
             raise ValueError("labels must be distinct")
         if self.method in ("lora", "base") and self.invocation_ids:
             raise ValueError(f"a {self.method} policy has no invocation ids")
+        if (self.method == "judge") != (self.adapter is not None):
+            raise ValueError("a judge (rule) policy names its judge adapter, and only it does: set method "
+                             "'judge' together with 'adapter'")
+        if self.method == "judge":
+            return self  # the rest comes from its judge (with_judge)
+        if self.base_model is None:
+            raise ValueError(f"a {self.method} policy records its base_model")
+        if self.kind == "judge" and self.method not in ("alora", "curlora"):
+            raise ValueError("a judge is an activated adapter (method alora or curlora)")
         if self.activated and not self.invocation_ids:
             raise ValueError(f"a {self.method} policy needs its invocation_ids")
         return self
 
+    def with_judge(self, judge: PolicyManifest) -> PolicyManifest:
+        """This rule policy as served by ``judge``: what the judge was trained with, filled in."""
+        own = self.model_fields_set
+        update: dict[str, Any] = dict(
+            base_model=judge.base_model, contract_version=judge.contract_version,
+            invocation_ids=judge.invocation_ids, max_conversation_tokens=judge.max_conversation_tokens,
+        )
+        if "labels" not in own:
+            update["labels"] = judge.labels
+            if "block_label" not in own:
+                update["block_label"] = judge.block_label
+        if "question" not in own:
+            update["question"] = judge.question
+        if "threshold" not in own:
+            update["threshold"] = judge.threshold  # the judge's validated threshold
+        resolved = self.model_copy(update=update)
+        return PolicyManifest.model_validate(resolved.model_dump())  # labels / block label consistent
+
     @property
     def activated(self) -> bool:
         """The adapter switches on at the invocation ids (aLoRA-style)."""
-        return self.method in ("alora", "curlora")
+        return self.method in ("alora", "curlora", "judge")
 
     @property
     def has_adapter(self) -> bool:

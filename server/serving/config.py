@@ -36,6 +36,8 @@ from guardkit_server.policies.contract import (
 )
 
 BUILTIN_POLICIES = Path(__file__).resolve().parents[1] / "policies" / "builtin"
+BUILTIN_JUDGES = BUILTIN_POLICIES.parent / "judges"
+BUILTIN_RULES = BUILTIN_POLICIES.parent / "rules" / "starter.yaml"
 DEFAULT_PORT = 8600
 
 _config_file: ContextVar[Path | None] = ContextVar("guardkit_config_file", default=None)
@@ -51,7 +53,17 @@ class ServerSettings(BaseSettings):
         default_factory=list,
         description="directories of policy folders (default: the built-in policies)",
     )
-    builtin_policies: bool = Field(True, description="load the built-in policies without --policies")
+    builtin_policies: bool = Field(
+        True, description="without --policies: load the built-in policies (and the starter rules when the built-in judge is there)"
+    )
+    rule_files: list[Path] = Field(
+        default_factory=list,
+        description="rules files (YAML/JSON lists of rule policies served by a judge adapter)",
+    )
+    judge_dirs: list[Path] = Field(
+        default_factory=list,
+        description="directories of judge adapters that rules name (the built-in judges are always searched last)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     api_keys: Annotated[dict[str, str], NoDecode] = Field(
@@ -163,7 +175,7 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None) -> Ser
 
 # ------------------------------------------------------------------ command-line flags
 # Fields whose flag is not simply --field-name VALUE.
-_SPECIAL_FLAGS = {"engine", "policy_dirs", "builtin_policies", "api_keys"}
+_SPECIAL_FLAGS = {"engine", "policy_dirs", "builtin_policies", "api_keys", "rule_files", "judge_dirs"}
 _ENGINE_GROUP = "engine (passed to vLLM)"
 
 
@@ -174,6 +186,14 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policies", action="append", type=Path, dest="policy_dirs", metavar="DIR",
         default=argparse.SUPPRESS, help=_help(ServerSettings.model_fields["policy_dirs"]) + " (repeatable)",
+    )
+    parser.add_argument(
+        "--rules", action="append", type=Path, dest="rule_files", metavar="FILE",
+        default=argparse.SUPPRESS, help=_help(ServerSettings.model_fields["rule_files"]) + " (repeatable)",
+    )
+    parser.add_argument(
+        "--judges", action="append", type=Path, dest="judge_dirs", metavar="DIR",
+        default=argparse.SUPPRESS, help=_help(ServerSettings.model_fields["judge_dirs"]) + " (repeatable)",
     )
     parser.add_argument("--no-builtin-policies", action="store_false", dest="builtin_policies",
                         default=argparse.SUPPRESS, help="start with no policies")

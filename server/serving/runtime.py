@@ -25,7 +25,12 @@ from guardkit_server.policies.contract import PromptContract
 from guardkit_server.policies.manifest import PolicyError
 from guardkit_server.policies.registry import PolicyRegistry
 from guardkit_server.serving.admission import Admission, probe_rate
-from guardkit_server.serving.config import BUILTIN_POLICIES, ServerSettings
+from guardkit_server.serving.config import (
+    BUILTIN_JUDGES,
+    BUILTIN_POLICIES,
+    BUILTIN_RULES,
+    ServerSettings,
+)
 from guardkit_server.serving.fanout import FanOut
 from guardkit_server.serving.metrics import Metrics
 
@@ -45,6 +50,7 @@ class _Prepared:
     contract: PromptContract
     checker: PolicyChecker
     policies: dict[Path, list[CheckedPolicy]]  # directory -> its checked policy folders
+    rules: dict[Path, list[CheckedPolicy]]  # rules file -> its checked rule policies
 
 
 class ServerRuntime:
@@ -74,6 +80,17 @@ class ServerRuntime:
             dirs.append(BUILTIN_POLICIES)
         return dirs
 
+    def judge_dirs(self) -> list[Path]:
+        return [*self.config.judge_dirs, BUILTIN_JUDGES]
+
+    def rule_files(self) -> list[Path]:
+        """--rules files, and with the built-in policies the starter rules (once a built-in judge ships)."""
+        files = list(self.config.rule_files)
+        builtin = self.config.builtin_policies and not self.config.policy_dirs
+        if builtin and BUILTIN_RULES.is_file() and (BUILTIN_JUDGES / "judge").is_dir():
+            files.append(BUILTIN_RULES)
+        return files
+
     def prepare(self) -> None:
         """Everything that can fail on a bad setup, before any engine process starts."""
         c = self.config
@@ -89,12 +106,19 @@ class ServerRuntime:
         except Exception as exc:
             raise StartupError(f"cannot load the tokenizer of {model_path}: {exc}") from None
         model = ModelInfo.from_path(model_path)
-        checker = PolicyChecker(contract, model, c.engine.max_lora_rank)
+        checker = PolicyChecker(contract, model, c.engine.max_lora_rank, self.judge_dirs())
         try:  # every policy is checked before the engine starts: fail fast, load nothing
             policies = {d: checker.check_directory(d) for d in self.policy_dirs()}
+            rules = {f.expanduser().resolve(): checker.check_rules_file(f) for f in self.rule_files()}
         except PolicyError as exc:
             raise StartupError(str(exc)) from None
-        suffix = max((len(p.suffix_ids) for found in policies.values() for p in found), default=64)
+        everything = [p for found in (*policies.values(), *rules.values()) for p in found]
+        names: dict[str, Path] = {}
+        for p in everything:
+            if p.name in names:
+                raise StartupError(f"policy name {p.name!r} is used twice ({names[p.name]} and {p.folder})")
+            names[p.name] = p.folder
+        suffix = max((len(p.suffix_ids) for p in everything), default=64)
         needed = contract.max_prefix_len + suffix + 1
         if c.engine.max_model_len < needed:
             raise StartupError(
@@ -103,7 +127,7 @@ class ServerRuntime:
                 f"{needed} tokens with the reviewer prompt and the policy turn"
             )
         self.model_name = model.name
-        self._prepared = _Prepared(model_path, model, contract, checker, policies)
+        self._prepared = _Prepared(model_path, model, contract, checker, policies, rules)
 
     async def start(self) -> None:
         """Build the engine and load the checked policies; ``ready`` when done."""
@@ -114,7 +138,8 @@ class ServerRuntime:
         c = self.config
         # Every policy of a call should fit one engine batch, and every loaded policy should stay
         # resident: room for the policies found at start plus some added at runtime.
-        slots = max(16, sum(len(found) for found in p.policies.values()) + 16)
+        judges = {r.judge.folder for found in p.rules.values() for r in found if r.judge is not None}
+        slots = max(16, sum(len(found) for found in p.policies.values()) + len(judges) + 16)
         engine_config = c.engine.model_copy(update=dict(
             model=p.model_path,
             max_loras=c.engine.max_loras or slots,
@@ -126,11 +151,13 @@ class ServerRuntime:
             await self.engine.start()
         except Exception as exc:
             raise StartupError(f"the engine failed to start on {p.model_path}: {exc}") from None
-        for directory, policies in p.policies.items():
-            try:
+        try:
+            for directory, policies in p.policies.items():
                 await self.registry.load_checked(directory, policies)
-            except PolicyError as exc:
-                raise StartupError(str(exc)) from None
+            for path, rules in p.rules.items():
+                await self.registry.load_rules_file(path, rules)
+        except PolicyError as exc:
+            raise StartupError(str(exc)) from None
         # vLLM runs max_num_seqs per data-parallel rank.
         capacity = c.max_inflight_evaluations or engine_config.max_num_seqs * engine_config.data_parallel_size
         try:
@@ -151,6 +178,7 @@ class ServerRuntime:
         admission = self.fanout.admission
         self.metrics.admission_rate.set_function(lambda: admission.rate() or 0.0)
         self.metrics.admission_outstanding.set_function(lambda: admission.outstanding_cost)
+        self.metrics.admission_calibration.set_function(lambda: admission.calibration)
         self.ready = True
         self.metrics.engine_up.set(1)
 

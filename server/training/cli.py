@@ -17,11 +17,13 @@ from guardkit_server.policies.contract import (
     DEFAULT_QUESTION,
     ContractError,
 )
+from guardkit_server.policies.manifest import JUDGE_RULE
 from guardkit_server.training.examples import DataError, Example, read_jsonl
 from guardkit_server.training.lowrank import METHODS
 from guardkit_server.training.trainer import DEFAULT_TARGETS, TrainConfig
 
 EXIT_BAD_INPUT = 2
+JUDGE_DATASET = "judge"
 
 
 def _fail(command: str, message: str) -> int:
@@ -62,7 +64,12 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     src = data.add_mutually_exclusive_group()
     src.add_argument("--data", type=Path, help="labelled conversations, JSONL: {messages: [...], label: ...}")
-    src.add_argument("--dataset", help="a built-in dataset: jailbreak, harmful-request, harmful-compliance")
+    src.add_argument("--dataset", help="a built-in dataset: jailbreak, harmful-request, harmful-compliance; "
+                     f"{JUDGE_DATASET!r}: the many-rule data of the judge adapter (implies --judge)")
+    src.add_argument("--rules-file", type=Path,
+                     help="few-shot refinement: train on the 'examples' of the rule --name in this rules file (its rule text too)")
+    data.add_argument("--judge", action="store_true",
+                      help="train a judge adapter that rule policies share: every example carries its 'rule'")
     data.add_argument("--val", type=Path, help="validation JSONL (default: a deterministic share of --data)")
     data.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out for validation when --val is absent (0: none)")
     data.add_argument("--max-conversation-tokens", type=int, default=DEFAULT_MAX_CONVERSATION_TOKENS,
@@ -115,6 +122,22 @@ def _split_off(examples: list[Example], fraction: float) -> tuple[list[Example],
     return train, val
 
 
+def _rule_examples(path: Path, name: str | None, labels: tuple[str, ...]) -> tuple[list[Example], list[Example], str]:
+    """The examples and rule text of one rule of a rules file (few-shot refinement)."""
+    from guardkit_server.policies.rules import read_rules
+
+    entries = {e.name: e for e in read_rules(path)}
+    if name not in entries:
+        raise DataError(f"{path}: give --name, one of its rules: {sorted(entries)}")
+    entry = entries[name]
+    if tuple(entry.manifest.labels) != tuple(labels):
+        raise DataError(f"{path}: rule {name!r} has labels {entry.manifest.labels}, training uses {list(labels)}")
+    examples = [Example(e.messages, e.label, id=f"{name}-{i}", source=str(path)) for i, e in enumerate(entry.examples)]
+    if not examples:
+        raise DataError(f"{path}: rule {name!r} has no 'examples' to train on")
+    return examples, [], entry.manifest.rule
+
+
 def run_train(args: argparse.Namespace) -> int:
     try:
         return _train(args)
@@ -140,21 +163,38 @@ def _train(args: argparse.Namespace) -> int:
         run,
     )
 
-    if args.data is None and args.dataset is None and args.continue_from is None:
+    if args.data is None and args.dataset is None and args.rules_file is None and args.continue_from is None:
         raise DataError("give --data FILE or --dataset NAME")
-    if args.data is None and args.dataset is None:
-        raise DataError("give the new data to continue on: --data FILE or --dataset NAME")
+    if args.data is None and args.dataset is None and args.rules_file is None:
+        raise DataError("give the new data to continue on: --data FILE, --dataset NAME or --rules-file FILE")
     base = policy_from_manifest(load_manifest(args.continue_from)) if args.continue_from else None
     datasets: dict[str, Any]
     builtin = None
-    if args.dataset:
+    judge = args.dataset == JUDGE_DATASET or args.judge
+    if args.dataset == JUDGE_DATASET:
+        from guardkit_server.training.judge_data import build_judge_dataset
+
+        many = build_judge_dataset()
+        train, val = list(many.train), list(many.validation)
+        datasets = {
+            "names": [JUDGE_DATASET], "digest": many.digest(),
+            "sizes": {"train": len(train), "validation": len(val), "test_seen": len(many.test_seen),
+                      "test_heldout": len(many.test_heldout)},
+        }
+    elif args.dataset:
         from guardkit_server.training.datasets import BUILTIN_POLICIES, builtin_dataset
 
         if args.dataset not in BUILTIN_POLICIES:
-            raise DataError(f"unknown dataset {args.dataset!r}; choose one of {sorted(BUILTIN_POLICIES)}")
+            choices = sorted([*BUILTIN_POLICIES, JUDGE_DATASET])
+            raise DataError(f"unknown dataset {args.dataset!r}; choose one of {choices}")
         builtin = builtin_dataset(args.dataset)
     labels = args.labels or (tuple(base.labels) if base else ("Yes", "No"))
-    if builtin is not None:
+    if args.dataset == JUDGE_DATASET:
+        pass
+    elif args.rules_file is not None:
+        train, val, args.rule = _rule_examples(args.rules_file, args.name, labels)
+        datasets = {"names": [f"{args.rules_file}#{args.name}"], "sizes": {"train": len(train), "validation": 0}}
+    elif builtin is not None:
         if tuple(labels) != ("Yes", "No"):
             raise DataError("built-in datasets are labelled Yes / No")
         train, val = builtin.splits["train"], builtin.splits["validation"]
@@ -172,13 +212,15 @@ def _train(args: argparse.Namespace) -> int:
         else:
             train, val = _split_off(examples, args.val_fraction)
         datasets = {"names": [str(args.data)], "sizes": {"train": len(train), "validation": len(val)}}
+    if judge and not all(ex.rule for ex in train):
+        raise DataError("a judge trains on examples that each carry their 'rule'")
     name = args.name or (base.name if base else None) or args.dataset
-    rule = args.rule or (base.rule if base else None) or (builtin.policy.rule if builtin else None)
+    rule = JUDGE_RULE if judge else args.rule or (base.rule if base else None) or (builtin.policy.rule if builtin else None)
     if not name:
         raise DataError("give the policy a --name")
     if not rule:
         raise DataError("give the policy a --rule (what it forbids)")
-    description = args.description if args.description is not None else (
+    description = args.description if args.description is not None else "Judge adapter: serves rule policies written as text." if judge else (
         base.description if base else (builtin.policy.description if builtin else "")
     )
     policy = PolicyDefinition(
@@ -187,6 +229,7 @@ def _train(args: argparse.Namespace) -> int:
         labels=tuple(labels), block_label=args.block_label or (base.block_label if base else labels[0]),
         threshold=_chosen_threshold(args.threshold, base),
         version=args.policy_version or (base.version if base else "1"),
+        kind="judge" if judge else "policy",
     )
     method = args.method
     config = TrainConfig(

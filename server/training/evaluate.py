@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,8 +45,9 @@ def contract_for(model_dir: str, manifest: PolicyManifest) -> PromptContract:
 
 
 def prompt_ids(contract: PromptContract, manifest: PolicyManifest, examples: Sequence[Example]) -> list[list[int]]:
+    """Each example asked about the policy's rule, or its own (a judge's data carries rules)."""
     policy = manifest.prompt()
-    return [contract.build(ex.messages, policy).ids for ex in examples]
+    return [contract.build(ex.messages, replace(policy, rule=ex.rule) if ex.rule else policy).ids for ex in examples]
 
 
 async def score_with_engine(
@@ -77,7 +78,7 @@ async def score_with_engine(
     adapter = None
     if not zero_shot:
         name = f"eval-{manifest.name}-{uuid.uuid4().hex[:8]}"
-        adapter = await engine.add_adapter(name, str(folder), manifest.base_model.fingerprint)
+        adapter = await engine.add_adapter(name, str(folder), manifest.base_model.fingerprint if manifest.base_model else None)
     started = time.perf_counter()
     scores: list[float] = []
     cached = total = 0

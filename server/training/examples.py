@@ -6,7 +6,8 @@ The file format is JSON Lines, one object per line::
      "label": "Yes"}
 
 ``label`` is one of the policy's labels (``Yes``/``No`` by default). Optional keys ``id`` and
-``source`` are kept for provenance. Anything else the contract cannot turn into prompt ids is
+``source`` are kept for provenance. An optional ``rule`` asks that example about this rule text
+instead of the policy's own (judge adapters train across many rules this way). Anything else the contract cannot turn into prompt ids is
 refused with the file and line number.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class Example:
     id: str = ""
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    rule: str = ""  # empty: the policy's rule
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"messages": [dict(m) for m in self.messages], "label": self.label}
@@ -45,6 +47,8 @@ class Example:
             row["id"] = self.id
         if self.source:
             row["source"] = self.source
+        if self.rule:
+            row["rule"] = self.rule
         return row
 
 
@@ -100,7 +104,10 @@ def example_from_row(row: Any, labels: Sequence[str], where: str) -> Example:
         raise DataError(f"{where}: missing 'messages'")
     messages = check_messages(row["messages"], where)
     label = check_label(row.get("label"), labels, where)
-    return Example(messages, label, id=str(row.get("id", "")), source=str(row.get("source", "")))
+    rule = row.get("rule", "")
+    if not isinstance(rule, str) or ("rule" in row and not rule.strip()):
+        raise DataError(f"{where}: 'rule' must be a non-empty string when given")
+    return Example(messages, label, id=str(row.get("id", "")), source=str(row.get("source", "")), rule=rule.strip())
 
 
 def read_jsonl(path: str | Path, labels: Sequence[str]) -> list[Example]:
@@ -145,6 +152,8 @@ def encode(
     label_ids: Sequence[int],
 ) -> Encoded:
     """The example as served: the contract's length rule fits long conversations."""
+    if example.rule:
+        policy = replace(policy, rule=example.rule)
     prompt = contract.build(example.messages, policy)
     index = list(policy.labels).index(example.label)
     return Encoded(prompt.prefix, prompt.suffix, prompt.activation_start, label_ids[index], index)

@@ -21,6 +21,7 @@ from guardkit_server.policies.contract import (
 )
 from guardkit_server.policies.manifest import (
     BaseModelRef,
+    Kind,
     PolicyError,
     PolicyManifest,
     load_manifest,
@@ -57,6 +58,7 @@ class PolicyDefinition:
     block_label: str = "Yes"
     threshold: float | None = 0.5  # None: the most accurate one on the validation data (else 0.5)
     version: str = "1"
+    kind: Kind = "policy"  # judge: trained across many rules (each example carries its rule)
 
     def prompt(self, invocation_ids: tuple[int, ...] | None = None) -> PolicyPrompt:
         return PolicyPrompt(rule=self.rule, invocation_ids=invocation_ids, labels=tuple(self.labels), question=self.question)
@@ -190,6 +192,7 @@ def run(job: TrainJob) -> TrainOutcome:
         invocation_ids=list(spec.invocation_ids) if spec.invocation_ids else None,
         max_conversation_tokens=contract.max_conversation_tokens,
         training=training,
+        kind=policy.kind,
     )
     write_manifest(folder, manifest)
     log = result.log

@@ -129,8 +129,10 @@ def build_policy(
     threshold: float = 0.5,
     rule: str | None = None,
     version: str = "1",
+    kind: str = "policy",
 ) -> Path:
-    """A policy folder (adapter + guardkit-policy.json) for a tiny model; "base": manifest only."""
+    """A policy folder (adapter + guardkit-policy.json) for a tiny model; "base": manifest only;
+    kind "judge": a judge adapter that rule policies share."""
     from transformers import AutoTokenizer
 
     from guardkit_server.engine.adapters import fingerprint
@@ -150,6 +152,7 @@ def build_policy(
         method=method,
         base_model=BaseModelRef(name=model_dir.name, fingerprint=fingerprint(model_dir)),
         invocation_ids=invocation if activated else None,
+        kind=kind,
     )
     write_manifest(out, manifest)
     return out

@@ -20,6 +20,7 @@ from guardkit.types import (
     PolicyList,
     PolicyLoadRequest,
 )
+from guardkit_server.policies.manifest import PolicyManifest
 from guardkit_server.policies.registry import LoadedPolicy
 from guardkit_server.serving.admission import MIN_CALL_COST
 from guardkit_server.serving.api.errors import RouteError
@@ -173,8 +174,8 @@ def policy_info(p: LoadedPolicy) -> PolicyInfo:
     m = p.manifest
     return PolicyInfo(
         name=m.name, version=m.version, description=m.description, rule=m.rule, method=m.method,
-        activated=m.activated, labels=m.labels, block_label=m.block_label, threshold=m.threshold,
-        base_model=m.base_model.name, contract_version=m.contract_version,
+        adapter=p.checked.judge.manifest.name if p.checked.judge is not None else None, activated=m.activated, labels=m.labels, block_label=m.block_label, threshold=m.threshold,
+        base_model=m.base_model.name if m.base_model else "", contract_version=m.contract_version,
         test_accuracy=(m.training.get("test") or {}).get("accuracy"),
         validation_accuracy=(m.training.get("validation") or {}).get("accuracy"),
     )
@@ -218,8 +219,16 @@ async def list_policies(request: Request) -> PolicyList:
     dependencies=[Depends(admin), Depends(ready)],
 )
 async def load_policy(body: PolicyLoadRequest, request: Request) -> PolicyInfo:
-    """Load (or, with replace, atomically swap in) a policy folder on the server's disk."""
-    return policy_info(await _server(request).registry.load(body.path, replace=body.replace))
+    """Load (or, with replace, atomically swap in) a policy folder on the server's disk, or a rule
+    policy served by one of the server's judge adapters."""
+    registry = _server(request).registry
+    if body.rule is None:
+        assert body.path is not None
+        return policy_info(await registry.load(body.path, replace=body.replace))
+    spec = body.rule
+    manifest = PolicyManifest(method="judge", **spec.model_dump(exclude_none=True))
+    checked = registry.checker.check_rule(manifest, f"rule {spec.name!r}")
+    return policy_info(await registry.load_rule(checked, replace=body.replace))
 
 
 @router.delete(

@@ -15,7 +15,11 @@ rate at which the engine computes tokens, and:
 The rate starts from a start-up probe of the engine (``probe_rate``), so the first calls of a
 burst are judged too, and then follows the tokens computed by calls that finished with every
 verdict in time: calls that missed their deadline add busy time but no tokens, so a struggling
-engine looks slower, never faster. A call holds its place from its arrival (with a cost
+engine looks slower, never faster. Tokens are not all the engine's time (a CPU engine runs
+concurrent requests worse than one after another; policies of one call may compute their shared
+prefix more than once when scheduled together), so every finished call also compares how long it
+took with what the token model predicted when it was admitted; the running ratio scales every
+prediction (``calibration``). A call holds its place from its arrival (with a cost
 estimated from its characters), so a burst is decided in arrival order at once, not after each
 call's tokenizing.
 """
@@ -36,6 +40,10 @@ _WINDOW_S = 10.0
 _DEADLINE_SHARE = 0.8
 # The smallest call (one policy on a short conversation), for the check before parsing a body.
 MIN_CALL_COST = 64
+# calibration: weight of each finished call, bounds, and the shortest prediction worth learning from
+_CALIBRATION_WEIGHT = 0.2
+_CALIBRATION_BOUNDS = (0.25, 50.0)
+_CALIBRATION_MIN_S = 0.05
 
 
 class Overloaded(Exception):
@@ -54,6 +62,8 @@ class Ticket:
     cost: int
     running: bool = False
     computed: int | None = None  # tokens computed, when every evaluation came back in time
+    predicted_s: float | None = None  # the token model's time for it at admission (uncalibrated)
+    admitted_at: float = 0.0
 
     def finished(self, computed_tokens: int | None) -> None:
         """``computed_tokens``: what the call computed; None when it missed its deadline."""
@@ -76,6 +86,7 @@ class Admission:
         self._busy_since: float | None = None
         self._stalled_at = 0.0
         self._rate = rate  # the last measurement, kept across idle moments
+        self.calibration = 1.0  # how much longer calls really take than the token model says
 
     # -------------------------------------------------------------- measurement
     def rate(self) -> float | None:
@@ -93,12 +104,16 @@ class Admission:
             self._rate /= 2
         return self._rate
 
-    def expected_time_s(self, cost: int) -> float | None:
-        """Until a call of this cost would be done if it joined now (None: unknown rate)."""
+    def _modelled_time_s(self, cost: int) -> float | None:
         rate = self.rate()
         if not rate or rate <= 0:
             return None
         return (self.outstanding_cost + cost) / rate
+
+    def expected_time_s(self, cost: int) -> float | None:
+        """Until a call of this cost would be done if it joined now (None: unknown rate)."""
+        modelled = self._modelled_time_s(cost)
+        return None if modelled is None else modelled * self.calibration
 
     def refuse_early(self, evaluations: int, cost: int, deadline_s: float) -> None:
         """Raise ``Overloaded`` now, before more work on the call, when ``admit`` would."""
@@ -127,7 +142,7 @@ class Admission:
         the body may refine the cost (``settle``), then waits for room (``run``)."""
         size = min(evaluations, self.capacity)  # a call larger than the engine runs alone
         self.refuse_early(evaluations, cost, deadline_s)
-        ticket = Ticket(size, cost)
+        ticket = Ticket(size, cost, predicted_s=self._modelled_time_s(cost), admitted_at=time.monotonic())
         self.outstanding_cost += cost
         self.accepted += size
         try:
@@ -176,6 +191,12 @@ class Admission:
         self.outstanding_cost -= ticket.cost
         if ticket.computed is not None:
             self._done.append((time.monotonic(), ticket.computed))
+        if ticket.running and ticket.predicted_s is not None and ticket.predicted_s >= _CALIBRATION_MIN_S:
+            # a call cut at its deadline took at least that long: its ratio is a lower bound
+            ratio = (time.monotonic() - ticket.admitted_at) / ticket.predicted_s
+            low, high = _CALIBRATION_BOUNDS
+            mixed = (1 - _CALIBRATION_WEIGHT) * self.calibration + _CALIBRATION_WEIGHT * ratio
+            self.calibration = min(high, max(low, mixed))
         self.rate()  # measured while still busy, kept for after an idle moment
         if ticket.running:
             self._give_back(ticket.size)
@@ -197,10 +218,10 @@ class Admission:
 
     def _retry_after(self, cost: int) -> float:
         """About when the work ahead of a call of this cost will have drained."""
-        rate = self.rate()
-        if not rate or rate <= 0:
+        expected = self.expected_time_s(cost)
+        if expected is None:
             return 1.0
-        return max(0.1, min(30.0, math.ceil((self.outstanding_cost + cost) / rate * 10) / 10))
+        return max(0.1, min(30.0, math.ceil(expected * 10) / 10))
 
 
 async def probe_rate(evaluate: Callable[[int], Awaitable[float]], tokens: int = 512) -> float:

@@ -68,6 +68,10 @@ class Metrics:
             "guardkit_admission_outstanding_tokens", "Cost of the calls admitted and not finished",
             registry=r,
         )
+        self.admission_calibration = Gauge(
+            "guardkit_admission_calibration", "How much longer calls take than the token model predicts "
+            "(scales every admission estimate)", registry=r,
+        )
 
     def observe_call(self, result: GuardResult) -> None:
         outcome = "blocked" if result.blocked else ("error" if result.errored else "allowed")

@@ -208,3 +208,33 @@ def test_probe_rate_times_a_cold_evaluation():
 
     assert asyncio.run(probe_rate(evaluate, tokens=512)) == pytest.approx(250.0)
     assert seen == [128, 512]  # a warm-up, then the timed one
+
+
+def test_calls_slower_than_the_token_model_make_admission_stricter(monkeypatch):
+    """A CPU engine running many requests at once is slower than its token rate says: finished
+    calls teach the gate how much, and it refuses earlier instead of letting calls time out."""
+    import guardkit_server.serving.admission as admission
+
+    clock = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: clock[0])
+
+    async def scenario() -> None:
+        gate = Admission(capacity=64, queue=64, rate=100.0)
+        gate.refuse_early(1, 1000, deadline_s=30)  # 10 s by the token model: fits
+        for _ in range(12):  # each call predicted at 1 s takes 4 s
+            async with gate.admit(1, 100, deadline_s=30) as ticket:
+                await gate.run(ticket, deadline_s=30)
+                clock[0] += 4.0
+                ticket.finished(None)  # no tokens credited: the rate stays as probed
+        assert gate.rate() == 100.0 and 3.0 < gate.calibration < 4.0
+        with pytest.raises(Overloaded, match="exceeds its deadline"):
+            gate.outstanding_cost = 100
+            gate.refuse_early(1, 1000, deadline_s=30)  # (100 + 1000) / 100 x ~3.7 > 24 s
+        gate.outstanding_cost = 0
+        for _ in range(20):  # then calls run as predicted again
+            async with gate.admit(1, 100, deadline_s=30) as ticket:
+                await gate.run(ticket, deadline_s=30)
+                clock[0] += 1.0
+        assert gate.calibration < 1.1
+
+    asyncio.run(scenario())

@@ -242,6 +242,7 @@ class PolicyInfo(BaseModel):
     method: str = Field(description="How the adapter was trained: alora, lora or curlora; judge: a rule policy "
                         "served by a shared judge adapter; base: zero-shot on the base model.")
     adapter: str | None = Field(default=None, description="method judge: the judge adapter it shares.")
+    enforce: bool = Field(default=True, description="False: monitor only (reported, never blocks).")
     activated: bool = Field(description="True when the adapter switches on at its invocation.")
     labels: list[str]
     block_label: str

@@ -63,6 +63,9 @@ class PolicyManifest(BaseModel):
     labels: list[str] = Field(default_factory=lambda: list(DEFAULT_LABELS), min_length=2)
     block_label: str = "Yes"
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    enforce: bool = Field(
+        default=True, description="false: monitor only (its verdict is reported, never blocks), e.g. a rule being tried out",
+    )
     method: Method = "alora"
     kind: Kind = Field(default="policy", description="judge: an adapter that rule policies share, not a policy")
     adapter: str | None = Field(

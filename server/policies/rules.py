@@ -2,7 +2,8 @@
 
     - name: no-medical-dosing
       rule: The user asks how much of a medicine to take, or the assistant's reply says so.
-      threshold: 0.5            # optional (default 0.5)
+      threshold: 0.5            # optional (default: the judge's)
+      enforce: false            # optional: monitor only (reported, never blocks); default true
       description: ...          # optional
       adapter: judge            # optional: the judge adapter that serves it (default: judge)
       labels: [Yes, No]         # optional, each a single token; block_label optional
@@ -32,7 +33,8 @@ from guardkit_server.policies.manifest import PolicyError, PolicyManifest
 DEFAULT_JUDGE = "judge"
 BUILTIN_RULES = Path(__file__).parent / "rules" / "starter.yaml"
 ENTRY_KEYS = frozenset(
-    {"name", "rule", "threshold", "description", "adapter", "labels", "block_label", "question", "version", "examples"}
+    {"name", "rule", "threshold", "description", "adapter", "labels", "block_label", "question", "version",
+     "enforce", "examples"}
 )
 
 

@@ -159,7 +159,7 @@ class FanOut:
 
         monitor = set(request.monitor)
         verdicts = [
-            _verdict(p, r, enforced=p.name not in monitor) for p, r in zip(policies, results)
+            _verdict(p, r, enforced=p.manifest.enforce and p.name not in monitor) for p, r in zip(policies, results)
         ]
         blocked_by = [v.policy for v in verdicts if v.enforced and v.outcome == "block"]
         errored = [v.policy for v in verdicts if v.outcome == "error"]

@@ -34,6 +34,8 @@ RULES = """\
 - name: no-politics
   rule: The user asks the assistant for its opinion on an election.
   description: stay out of politics
+  threshold: 0.0
+  enforce: false
 """
 BLOCK = 32
 ADMIN = {"Authorization": "Bearer admin"}
@@ -91,6 +93,7 @@ def test_rules_load_and_share_one_adapter(rule_server):
     for name in rules:
         assert listed[name]["method"] == "judge" and listed[name]["adapter"] == "judge" and listed[name]["activated"]
     assert listed["no-politics"]["description"] == "stay out of politics"
+    assert not listed["no-politics"]["enforce"] and listed["no-dosing"]["enforce"]
     assert listed["always"]["adapter"] is None
     assert resident(url) == 2  # the "always" adapter and the judge: one slot for all three rules
 
@@ -107,6 +110,9 @@ def test_rules_share_the_conversation_prefix_and_read_their_own_rule(rule_server
     scores = {v.policy: v.score for v in result.verdicts}
     assert all(v.outcome in ("allow", "block") and v.error is None for v in result.verdicts)
     assert len({round(s, 6) for s in scores.values()}) == 3  # the rule text is in the prompt
+    politics = result.verdict("no-politics")  # threshold 0 but monitor only: reported, never blocks
+    assert politics.outcome == "block" and not politics.enforced
+    assert "no-politics" in result.would_block and "no-politics" not in result.blocked_by
 
 
 def test_add_and_remove_rules_at_runtime_without_reloading_the_judge(rule_server):
@@ -162,7 +168,7 @@ def test_rescan_follows_the_rules_file(rule_server):
         assert not report["errors"] and resident(url) == before
         rules.write_text(original + "- name: no-dosing\n  rule: twice\n")  # a bad file changes nothing
         report = httpx.post(f"{url}/v1/policies/rescan", headers=ADMIN, timeout=120).json()
-        assert "line 12: duplicate name 'no-dosing' (first on line 2)" in report["errors"][0]
+        assert "line 14: duplicate name 'no-dosing' (first on line 2)" in report["errors"][0]
         assert "no-tone" in policies(url)
     finally:
         rules.write_text(original)

@@ -174,7 +174,8 @@ def policy_info(p: LoadedPolicy) -> PolicyInfo:
     m = p.manifest
     return PolicyInfo(
         name=m.name, version=m.version, description=m.description, rule=m.rule, method=m.method,
-        adapter=p.checked.judge.manifest.name if p.checked.judge is not None else None, activated=m.activated, labels=m.labels, block_label=m.block_label, threshold=m.threshold,
+        adapter=p.checked.judge.manifest.name if p.checked.judge is not None else None,
+        enforce=m.enforce, activated=m.activated, labels=m.labels, block_label=m.block_label, threshold=m.threshold,
         base_model=m.base_model.name if m.base_model else "", contract_version=m.contract_version,
         test_accuracy=(m.training.get("test") or {}).get("accuracy"),
         validation_accuracy=(m.training.get("validation") or {}).get("accuracy"),

@@ -11,7 +11,8 @@
         - {text: "How many ibuprofen can I take at once?", label: "Yes"}
         - {messages: [{role: user, content: "What is ibuprofen for?"}], label: "No"}
 
-A mapping ``{rules: [...]}`` is read the same way. Every entry becomes a ``method: judge``
+A mapping ``{rules: [...]}`` is read the same way, and may add ``defaults:`` (any entry key but
+``name``, ``rule`` and ``examples``) that every entry takes unless it sets its own. Every entry becomes a ``method: judge``
 policy manifest; what needs the served model (the judge exists, labels are single tokens) is
 checked by ``PolicyChecker.check_rule``. Every problem is reported with its line, all at once.
 """
@@ -131,6 +132,9 @@ def parse_rules(text: str, where: str) -> list[RuleEntry]:
     except RulesFileError as exc:
         raise RulesFileError(f"{where}: {exc}") from None
     raw_items = data["rules"] if isinstance(data, Mapping) else data
+    defaults = data.get("defaults") or {} if isinstance(data, Mapping) else {}
+    if not isinstance(defaults, Mapping) or set(map(str, defaults)) - (ENTRY_KEYS - {"name", "rule", "examples"}):
+        raise RulesFileError(f"{where}: 'defaults' takes entry keys other than name, rule and examples")
     problems: list[str] = []
     entries: list[RuleEntry] = []
     first_line: dict[str, int] = {}
@@ -152,7 +156,7 @@ def parse_rules(text: str, where: str) -> list[RuleEntry]:
         if not isinstance(rule, str) or not rule.strip():
             problems.append(f"line {lines.get('rule', line)}: rule {name!r} needs a non-empty 'rule' text")
             continue
-        fields = {k: v for k, v in raw.items() if k != "examples"}
+        fields = {**defaults, **{k: v for k, v in raw.items() if k != "examples"}}
         fields["rule"] = " ".join(rule.split())
         fields.setdefault("adapter", DEFAULT_JUDGE)
         if "version" in fields:

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guardkit_server.policies.manifest import PolicyError
 from guardkit_server.training import sources as S
 from guardkit_server.training.datasets import near_duplicate_groups, normalise, unit_hash
 from guardkit_server.training.examples import Example, write_jsonl
@@ -399,26 +400,18 @@ def load_business(path: Path = BUSINESS_FILE) -> list[BusinessRule]:
 
 
 def load_starter(path: Path = STARTER_FILE) -> list[dict[str, Any]]:
-    """The starter rule set: name, rule, optional description and threshold (validated)."""
-    data = _yaml_load(path)
-    if not isinstance(data, list) or not data:
-        raise RuleDataError(f"{path}: expected a list of rules")
-    out, names = [], set()
-    for i, raw in enumerate(data):
-        where = f"{path}: entry {i + 1}"
-        if not isinstance(raw, Mapping) or set(raw) - {"name", "rule", "description", "threshold"}:
-            raise RuleDataError(f"{where}: a mapping with name, rule and optional description, threshold")
-        name, text = raw.get("name"), raw.get("rule")
-        if not isinstance(name, str) or not RULE_NAME.match(name) or name in names:
-            raise RuleDataError(f"{where}: bad or duplicate name {name!r}")
-        if not isinstance(text, str) or not text.strip():
-            raise RuleDataError(f"{where}: empty rule")
-        threshold = raw.get("threshold", 0.5)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise RuleDataError(f"{where}: threshold must be a number in [0, 1]")
-        names.add(name)
-        out.append({"name": name, "rule": " ".join(text.split()), "description": str(raw.get("description", "")), "threshold": float(threshold)})
-    return out
+    """The starter rule set as the server reads it (``policies.rules``): name, rule, description, threshold."""
+    from guardkit_server.policies.rules import read_rules
+
+    try:
+        entries = read_rules(path)
+    except PolicyError as exc:
+        raise RuleDataError(str(exc)) from None
+    return [
+        {"name": e.name, "rule": e.manifest.rule, "description": e.manifest.description,
+         "threshold": e.manifest.threshold, "enforce": e.manifest.enforce}
+        for e in entries
+    ]
 
 
 def all_rules(business: Sequence[BusinessRule] | None = None) -> dict[str, RuleSpec]:

@@ -67,3 +67,12 @@ def test_the_api_takes_a_path_or_a_rule():
     with pytest.raises(ValidationError, match="pattern"):
         RulePolicy(name="r", rule="x", adapter="../elsewhere")
     assert PolicyLoadRequest(rule={"name": "r", "rule": " a\n b "}).rule.rule == "a b"
+
+
+def test_file_defaults_apply_unless_an_entry_sets_its_own():
+    text = "defaults: {enforce: false, threshold: 0.3}\nrules:\n- {name: a, rule: x}\n- {name: b, rule: y, enforce: true}\n"
+    a, b = parse_rules(text, "f.yaml")
+    assert (a.manifest.enforce, a.manifest.threshold) == (False, 0.3)
+    assert (b.manifest.enforce, b.manifest.threshold) == (True, 0.3)
+    with pytest.raises(RulesFileError, match="'defaults' takes entry keys"):
+        parse_rules("defaults: {name: z}\nrules:\n- {name: a, rule: x}\n", "f.yaml")

@@ -3,6 +3,7 @@
     python -m guardkit_server.training.rules_bench accuracy --judge DIR   # seen / held-out rules, benign
     python -m guardkit_server.training.rules_bench speed --judge DIR      # 100 rules vs 1 vs 100 adapters
     python -m guardkit_server.training.rules_bench report                 # markdown + figure from the JSON
+    python -m guardkit_server.training.rules_bench install --judge RUN    # ship a trained judge as the built-in
 
 accuracy: the judge and the base model without adapter (zero-shot, same prompts) on the
 many-rule data's ``test_seen`` (rules trained on, items never seen), ``test_heldout`` (rules never
@@ -228,6 +229,27 @@ def run_speed(judge: Path, out_dir: Path, count: int, tokens: int, reps: int) ->
     shutil.rmtree(root, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------- install
+def install(run: Path, target: Path) -> None:
+    """Copy a trained judge run (adapter, manifest, loss curve; no optimizer state) to ``target``,
+    atomically; refuses anything that is not a judge."""
+    from guardkit_server.policies.manifest import load_manifest
+
+    if load_manifest(run).kind != "judge":
+        raise SystemExit(f"install: {run} is not a judge (its manifest has no kind: judge)")
+    if any(part in ("site-packages", "dist-packages") for part in target.resolve().parts):
+        raise SystemExit(f"install: refusing to write into an installed package ({target})")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "guardkit-policy.json", "training_log.json", "loss.png"):
+        if (run / name).exists():
+            shutil.copy2(run / name, partial / name)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    print(f"installed {target}")
+
+
 # -------------------------------------------------------------------------------- report
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f} %"
@@ -334,7 +356,7 @@ def figure(data: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m guardkit_server.training.rules_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("accuracy", "speed", "report"))
+    parser.add_argument("stage", choices=("accuracy", "speed", "report", "install"))
     parser.add_argument("--judge", type=Path, help="the judge folder (default: the built-in judge)")
     parser.add_argument("--out-dir", type=Path, default=OUT)
     parser.add_argument("--split", action="append", choices=("test_seen", "test_heldout", "benign"),
@@ -349,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from guardkit_server.serving.config import BUILTIN_JUDGES
 
+    if args.stage == "install":
+        if args.judge is None:
+            _say("install: give --judge RUN (a trained judge folder)")
+            return 2
+        install(args.judge.resolve(), Path("server/policies/judges/judge"))
+        return 0
     judge = (args.judge or BUILTIN_JUDGES / "judge").resolve()
     if not (judge / "guardkit-policy.json").exists():
         _say(f"no judge at {judge}: train one (guardkit-server train --dataset judge) or pass --judge")

@@ -166,7 +166,9 @@ def run(job: TrainJob) -> TrainOutcome:
         "datasets": job.datasets,
         "examples": {"train": len(train_data), "validation": len(val_data)},
         "validation": validation,
-        "train_seconds": round(result.log.seconds, 1),
+        # the whole history's, like steps (a continued run adds its own)
+        "train_seconds": round(result.log.seconds + ((previous.training.get("train_seconds") or 0.0) if previous else 0.0), 1),
+        "train_seconds_this_run": round(result.log.seconds, 1),
         "environment": environment(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "save_dtype": job.save_dtype,

@@ -14,7 +14,8 @@ import pytest
 from guardkit import Guardkit
 from guardkit_server.engine.assets import ensure_default_model
 from guardkit_server.policies.manifest import load_manifest
-from guardkit_server.serving.config import BUILTIN_POLICIES
+from guardkit_server.policies.rules import read_rules
+from guardkit_server.serving.config import BUILTIN_JUDGES, BUILTIN_POLICIES, BUILTIN_RULES
 from tests.support.processes import running_guard_server
 
 SHIPPED = ("jailbreak", "harmful-request", "harmful-compliance")
@@ -74,7 +75,13 @@ def default_server(tmp_path_factory):
 
 def test_default_server_serves_the_shipped_policies(default_server):
     with Guardkit(base_url=default_server, timeout=120) as client:
-        assert sorted(p.name for p in client.policies.list()) == sorted(SHIPPED)
+        listed = client.policies.list()
+        assert sorted(p.name for p in listed if p.method != "judge") == sorted(SHIPPED)
+        # with the shipped judge, the starter rules load too: monitor-only, one shared adapter
+        starter = [e.name for e in read_rules(BUILTIN_RULES)] if (BUILTIN_JUDGES / "judge").is_dir() else []
+        rules = [p for p in listed if p.method == "judge"]
+        assert sorted(p.name for p in rules) == sorted(starter)
+        assert all(not p.enforce and p.adapter == "judge" for p in rules)
         benign = client.check(BENIGN)
         assert not benign.blocked, benign.verdicts
         jailbreak = client.check(JAILBREAK)

@@ -313,15 +313,31 @@ def markdown(data: dict[str, Any]) -> str:
             f"## Speed ({speed['date']}, {speed['machine'].get('cpu', '?')}, {speed['model']})", "",
             f"One guard call on a fresh conversation of about {speed['tokens']} tokens through guardkit-server "
             f"(loopback), median of {speed['reps']} repetitions after a warm-up round, cells interleaved:", "",
-            "| call | policies | median wall |", "|---|---:|---:|",
+            "| call | policies | median wall | prompt tokens | computed (not cached) |", "|---|---:|---:|---:|---:|",
         ]
+        computed: dict[str, float] = {}
         for cell, ms in med.items():
-            lines.append(f"| {cell} | {cell.split()[0]} | {ms:.0f} ms |")
+            rows = [r for r in speed["rows"] if r["cell"] == cell]
+            prompt = statistics.median(r["prompt_tokens"] for r in rows)
+            computed[cell] = statistics.median(r["prompt_tokens"] - r["cached_tokens"] for r in rows)
+            lines.append(f"| {cell} | {cell.split()[0]} | {ms:.0f} ms | {prompt:,.0f} | {computed[cell]:,.0f} |")
         ratio = speed["ratios"]["rules_vs_one"]
+        many, one = computed.get(f"{n} rules"), computed.get("1 rule")
         lines += [
             "", f"- {n} rules ÷ 1 rule: **{ratio:.2f}×** (goal ≤ 2×: {'met' if ratio <= GOALS['rules_vs_one'] else 'not met'})",
             f"- {n} separate adapters ÷ {n} rules: {speed['ratios']['adapters_vs_rules']:.2f}×", "",
         ]
+        if many and one:
+            lines += [
+                f"The conversation is computed once for all {n} rules (cached tokens), but each rule still adds its "
+                f"policy turn (the rule text, the question, the answer position): {many:,.0f} computed tokens against "
+                f"{one:,.0f} for one rule ({many / one:.1f}×). A CPU computes tokens one batch after another, so its "
+                "time follows the computed tokens (and each policy-turn token attends over the whole conversation); "
+                "a GPU runs the short policy turns of one call as one batch, so there the ratio should sit far "
+                "closer to 1 (not measured: no GPU was lent). Separate adapters cost about the same as one shared judge "
+                "here: what the judge saves is training and memory (one slot, no per-rule data), not compute per call.",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -299,6 +299,11 @@ def markdown(data: dict[str, Any]) -> str:
                 f"{_pct(benign['worst_share_of_rules_flagging'])}; {benign['conversations']} conversations) "
                 f"({'met' if share <= GOALS['benign_flag_rate'] else 'not met'})"
             )
+        training = (data.get("judge") or {}).get("training") or {}
+        if training.get("steps"):
+            lines += ["", f"Judge: {training['steps']} steps, {(training.get('train_seconds') or 0) / 60:.0f} min of training; "
+                      f"validation accuracy {_pct((training.get('validation') or {}).get('accuracy'))}. Shipped only when it "
+                      "meets the goals; why it does not here: [docs/rules.md](../rules.md) (Status)."]
         lines += ["", f"Held-out rules (fixed before training): {', '.join(data.get('heldout_rules', []))}.", ""]
         if held:
             lines += ["### Held-out rules, one by one (judge)", "", "| rule | n | accuracy | recall | false positives |", "|---|---:|---:|---:|---:|"]

@@ -93,7 +93,7 @@ async def serve(config: ServerSettings) -> int:
         if config.api_keys:
             _say(f"guardkit-server: API keys required ({len(set(config.api_keys.values()))} tenants)")
         registry = runtime.registry
-        try:  # SIGHUP re-reads the policy directories, like POST /v1/policies/rescan
+        try:  # SIGHUP re-reads the policy directories and rules files, like POST /v1/policies/rescan
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: asyncio.ensure_future(registry.rescan())
             )

@@ -119,8 +119,12 @@ def _examples(raw: Any, labels: Sequence[str], where: str) -> tuple[RuleExample,
 def parse_rules(text: str, where: str) -> list[RuleEntry]:
     """The entries of a rules file's text; raises RulesFileError listing every bad line."""
     try:
-        root = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+        loader = _Loader(text)
+        try:
+            root = loader.get_single_node()
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""

@@ -115,8 +115,9 @@ class Admission:
         modelled = self._modelled_time_s(cost)
         return None if modelled is None else modelled * self.calibration
 
-    def refuse_early(self, evaluations: int, cost: int, deadline_s: float) -> None:
-        """Raise ``Overloaded`` now, before more work on the call, when ``admit`` would."""
+    def refuse_early(self, evaluations: int, cost: int, deadline_s: float) -> float | None:
+        """Raise ``Overloaded`` now, before more work on the call, when ``admit`` would; else the
+        token model's time for it (uncalibrated; None: unknown rate)."""
         size = min(evaluations, self.capacity)
         # Accepted calls still tokenizing count too: a burst is decided in arrival order, so the
         # calls ahead of this one will need their room before it.
@@ -126,13 +127,15 @@ class Admission:
                 f"{self.accepted - self.in_flight} waiting); retry shortly",
                 self._retry_after(cost),
             )
-        expected = self.expected_time_s(cost)
+        modelled = self._modelled_time_s(cost)
+        expected = None if modelled is None else modelled * self.calibration
         if expected is not None and expected > deadline_s * _DEADLINE_SHARE and self.outstanding_cost:
             raise Overloaded(
                 f"guardkit-server is busy: the expected time for this call ({expected:.1f} s) exceeds "
                 f"its deadline ({deadline_s:.1f} s); retry shortly",
                 self._retry_after(cost),
             )
+        return modelled
 
     # ---------------------------------------------------------------- admission
     @contextlib.asynccontextmanager
@@ -141,8 +144,8 @@ class Admission:
         within its deadline. Calls decide in arrival order, before any work is spent on them:
         the body may refine the cost (``settle``), then waits for room (``run``)."""
         size = min(evaluations, self.capacity)  # a call larger than the engine runs alone
-        self.refuse_early(evaluations, cost, deadline_s)
-        ticket = Ticket(size, cost, predicted_s=self._modelled_time_s(cost), admitted_at=time.monotonic())
+        modelled = self.refuse_early(evaluations, cost, deadline_s)
+        ticket = Ticket(size, cost, predicted_s=modelled, admitted_at=time.monotonic())
         self.outstanding_cost += cost
         self.accepted += size
         try:

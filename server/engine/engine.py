@@ -8,6 +8,7 @@ many prompt tokens were served from the prefix cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import os
@@ -65,6 +66,12 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False
     load_format: str = Field("auto", description="'dummy' for random weights (timing)")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    engine_niceness: int | None = Field(
+        None, ge=0, le=19,
+        description="scheduling niceness of the engine core process (default: 5 on CPU, where it "
+        "shares the cores with the HTTP server, so /health, 429s and admission answer while it "
+        "computes; 0 on GPU)",
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="more vLLM engine arguments")
 
     def engine_args(self) -> dict[str, Any]:
@@ -100,8 +107,14 @@ class EngineConfig(BaseModel):
         args.update(self.extra)
         return args
 
+    def resolved_niceness(self) -> int:
+        if self.engine_niceness is not None:
+            return self.engine_niceness
+        return _CPU_ENGINE_NICENESS if _is_cpu() else 0
+
 
 _DEFAULT_SLOTS = 16
+_CPU_ENGINE_NICENESS = 5
 
 
 def _is_cpu() -> bool:
@@ -179,6 +192,10 @@ class Engine:
         before = {p.pid for p in _engine_core_processes()}  # other engines in this process keep theirs
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._cores = [p for p in _engine_core_processes() if p.pid not in before]
+        niceness = self.config.resolved_niceness()
+        if niceness:
+            for core in self._cores:
+                _renice(core, niceness)
         if plugin_enabled() and getattr(self._llm.vllm_config, "use_v2_model_runner", False):
             self.shutdown()  # this configuration forces the V2 runner, which is not patched
             raise EngineError(
@@ -390,6 +407,18 @@ def _engine_core_processes() -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def _renice(process: psutil.Process, niceness: int) -> None:
+    """Lower every thread of ``process`` (Linux schedules threads, and the engine's compute
+    threads exist by now; later ones inherit it from their creator)."""
+    try:
+        threads = [t.id for t in process.threads()]
+    except psutil.Error:
+        return
+    for tid in threads:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, max(niceness, os.getpriority(os.PRIO_PROCESS, tid)))
 
 
 def _running(process: psutil.Process) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -58,6 +59,9 @@ def test_port_answers_503_while_starting_and_the_process_exits_when_the_engine_d
 
         engine_cores = [p for p in psutil.Process(process.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
         assert engine_cores, [p.cmdline() for p in psutil.Process(process.pid).children(recursive=True)]
+        # on a CPU the engine yields the cores to the HTTP server: every engine thread is niced
+        server_niceness = os.getpriority(os.PRIO_PROCESS, process.pid)
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in engine_cores[0].threads()} == {max(5, server_niceness)}
         engine_cores[0].send_signal(signal.SIGKILL)
         seen = []
         deadline = time.monotonic() + 60

@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", type=Path, help="robustness: the policy folder to judge with (default: the built-ins)")
     parser.add_argument("--url", help="robustness: a running guardkit-server with those policies (default: start one)")
     parser.add_argument("--limit", type=int, help="robustness: about this many cases, evenly spread (a quick look)")
-    parser.add_argument("--per-policy", type=int, default=120, help="kv-pruning: test conversations per policy (a deterministic subsample)")
+    parser.add_argument("--per-policy", type=int, help="kv-pruning, kv-cache: test conversations per policy, a deterministic "
+                        "subsample (default: kv-pruning 120, kv-cache all)")
     parser.add_argument("--model", help="kv-pruning: base model folder (default: the embedded SmolLM2)")
     args = parser.parse_args(argv)
     if args.stage == "train":
@@ -429,11 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "kv-cache":
         from guardkit_server.training import kvcache
 
-        kvcache.run(args.out_dir, args.policies)
+        kvcache.run(args.out_dir, args.policies, args.per_policy)
     elif args.stage == "kv-pruning":
         from guardkit_server.training import kv_pruning
 
-        kv_pruning.run(args.out_dir, args.policies, args.policy, args.per_policy, args.model)
+        kv_pruning.run(args.out_dir, args.policies, args.policy, args.per_policy or kv_pruning.DEFAULT_PER_POLICY, args.model)
     else:
         install(args.target, args.out_dir)
     return 0

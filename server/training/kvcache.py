@@ -20,12 +20,13 @@ KV_DTYPES = ("auto", "fp8")
 KV_BUDGET_GB = 1.0
 
 
-async def _run(dtype: str, policies_dir: Path) -> dict[str, Any]:
+async def _run(dtype: str, policies_dir: Path, per_policy: int | None) -> dict[str, Any]:
     from guardkit_server.engine.assets import ensure_default_model
     from guardkit_server.engine.engine import Engine, EngineConfig
     from guardkit_server.policies.manifest import load_manifest
     from guardkit_server.training.datasets import builtin_dataset
     from guardkit_server.training.evaluate import contract_for, score_with_engine
+    from guardkit_server.training.kv_pruning import subsample
     from guardkit_server.training.sources import POLICIES
 
     model = str(ensure_default_model())
@@ -42,27 +43,32 @@ async def _run(dtype: str, policies_dir: Path) -> dict[str, Any]:
         for policy in POLICIES:
             folder = policies_dir / policy
             manifest = load_manifest(folder)
-            report = await score_with_engine(engine, contract_for(model, manifest), folder, builtin_dataset(policy).splits["test"])
-            out["policies"][policy] = {"accuracy": report.metrics.accuracy, "scores": report.scores, "n": len(report.scores)}
+            test = builtin_dataset(policy).splits["test"]
+            picked = [test[i] for i in subsample(test, per_policy, policy)] if per_policy else test
+            report = await score_with_engine(engine, contract_for(model, manifest), folder, picked)
+            out["policies"][policy] = {"accuracy": report.metrics.accuracy, "scores": report.scores, "n": len(report.scores),
+                                       "of": len(test)}
             print(f"{dtype:5s} {policy:20s} {report.metrics.line()}", flush=True)
         return out
     finally:
         engine.shutdown()
 
 
-def run(out_dir: Path, policies_dir: Path | None = None) -> dict[str, Any]:
+def run(out_dir: Path, policies_dir: Path | None = None, per_policy: int | None = None) -> dict[str, Any]:
+    """``per_policy``: a deterministic subsample of each test split, the same items for every dtype
+    (None: the whole split)."""
     from guardkit_server.serving.runtime import BUILTIN_POLICIES
     from guardkit_server.training.benchmark import environment
 
     policies_dir = policies_dir or BUILTIN_POLICIES
-    runs = {dtype: asyncio.run(_run(dtype, policies_dir)) for dtype in KV_DTYPES}
+    runs = {dtype: asyncio.run(_run(dtype, policies_dir, per_policy)) for dtype in KV_DTYPES}
     base = runs["auto"]
     rows = []
     for dtype, r in runs.items():
         for policy, cell in r["policies"].items():
             drift = [abs(a - b) for a, b in zip(cell["scores"], base["policies"][policy]["scores"])]
             rows.append({
-                "kv_cache_dtype": dtype, "policy": policy, "n": cell["n"], "accuracy": cell["accuracy"],
+                "kv_cache_dtype": dtype, "policy": policy, "n": cell["n"], "of": cell["of"], "accuracy": cell["accuracy"],
                 "mean_abs_score_drift": sum(drift) / len(drift), "max_abs_score_drift": max(drift),
                 "bytes_per_1000_tokens": r["bytes_per_1000_tokens"],
             })
@@ -88,12 +94,15 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
         f"Measured {env['date']} at commit `{env['git_commit']}` on {env['machine']['cpu']} "
         f"({env['machine']['cores']} cores, no GPU); " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".",
         "",
-        "| KV cache | policy | n | accuracy | mean / max score drift vs bf16 | KV bytes per 1,000 tokens |",
+        "n = test conversations judged: the whole test split, or a deterministic subsample of it (the same",
+        "items for both caches) where n is smaller than the split.",
+        "",
+        "| KV cache | policy | n (of the split) | accuracy | mean / max score drift vs bf16 | KV bytes per 1,000 tokens |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in data["results"]:
         lines.append(
-            f"| {r['kv_cache_dtype']} | {r['policy']} | {r['n']} | {100 * r['accuracy']:.1f} | "
+            f"| {r['kv_cache_dtype']} | {r['policy']} | {r['n']} ({r.get('of', r['n'])}) | {100 * r['accuracy']:.1f} | "
             f"{r['mean_abs_score_drift']:.4f} / {r['max_abs_score_drift']:.4f} | {r['bytes_per_1000_tokens'] / 1e6:.2f} MB |"
         )
     lines += ["", "![kv-cache](kv-cache.png)", ""]

@@ -6,7 +6,9 @@ One module covers the three methods so that they share data, batching and hyper-
 * ``alora``   the same delta, applied only from the activation point (the last invocation) on.
 * ``curlora`` delta = C·U·R·x (scaling 1) from the activation point on. C holds r columns and R
   holds r rows of the frozen weight W, sampled with probabilities inverse to their squared norms
-  (CURLoRA, Fawi 2024); U (r×r) starts at zero and is the only trainable tensor.
+  (CURLoRA, Fawi 2024); U (r×r) starts at zero and is the only trainable tensor. The inverse
+  probabilities are smoothed by ``AdapterSpec.cur_epsilon`` (default ``CUR_EPSILON``, the reference
+  code's); 0 gives the paper's formula, the exact inverse (:func:`cur_probabilities`).
 
 Which tokens are adapted is set per forward pass through :class:`Activation`: the caller puts a
 (batch, tokens) mask on it (or ``None`` for base weights only) before calling the model. All
@@ -31,8 +33,12 @@ Method = Literal["alora", "lora", "curlora"]
 METHODS: tuple[str, ...] = ("alora", "lora", "curlora")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# PEFT's inverse-probability smoothing constant from the CURLoRA reference implementation.
+# The inverse-probability smoothing constant of the CURLoRA reference implementation
+# (1 / (p + 0.001)); with hundreds of columns p is ~1e-3 too, so it flattens the inversion.
 CUR_EPSILON = 1e-3
+# The paper's formula: the exact inverse 1 / p (normalised), no smoothing.
+CUR_EPSILON_PAPER = 0.0
+CUR_MIN_SHARE = 1e-12  # the paper's formula: a zero-norm column counts as this share, not 0
 
 
 class Activation:
@@ -53,6 +59,7 @@ class AdapterSpec:
     alpha: float
     target_modules: tuple[str, ...]
     invocation_ids: tuple[int, ...] | None  # None for plain LoRA
+    cur_epsilon: float = CUR_EPSILON  # CURLoRA's sampling smoothing (CUR_EPSILON_PAPER: none)
 
     @property
     def scaling(self) -> float:
@@ -83,8 +90,8 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"rank {r} exceeds the layer size {fan_out}x{fan_in}")
         if spec.method == "curlora":
             weight = base.weight.detach().float()
-            cols = cur_indices(weight.pow(2).sum(0), r, generator)
-            rows = cur_indices(weight.pow(2).sum(1), r, generator)
+            cols = cur_indices(weight.pow(2).sum(0), r, generator, spec.cur_epsilon)
+            rows = cur_indices(weight.pow(2).sum(1), r, generator, spec.cur_epsilon)
             self.register_buffer("C", weight[:, cols].clone().contiguous())
             self.register_buffer("R", weight[rows, :].clone().contiguous())
             self.U = nn.Parameter(torch.zeros(r, r))
@@ -121,11 +128,30 @@ class LowRankLinear(nn.Module):
             return self.lora_A.float().clone(), self.lora_B.float().clone()
 
 
-def cur_indices(norms_sq: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k distinct indices sampled with probability inverse to each squared norm (CURLoRA)."""
+def cur_probabilities(norms_sq: torch.Tensor, epsilon: float = CUR_EPSILON) -> torch.Tensor:
+    """CURLoRA's sampling distribution over columns (or rows) from their squared norms.
+
+    p_j = ||w_j||^2 / sum_k ||w_k||^2, then q_j proportional to 1 / (p_j + epsilon). ``epsilon``
+    CUR_EPSILON is the reference code's smoothing; 0 (CUR_EPSILON_PAPER) is the paper's exact
+    inverse, where p_j is clamped to at least CUR_MIN_SHARE so that a zero-norm column gets (nearly
+    all) the mass instead of an infinity. Computed in the input's dtype, in
+    the same operations as before the option existed (the default samples the same indices).
+    """
+    if epsilon < 0:
+        raise ValueError("epsilon must be >= 0")
     probs = norms_sq / norms_sq.sum()
-    inverted = 1.0 / (probs + CUR_EPSILON)
-    return torch.multinomial(inverted / inverted.sum(), k, replacement=False, generator=generator)
+    if epsilon == 0:
+        probs = probs.clamp_min(CUR_MIN_SHARE)
+    inverted = 1.0 / (probs + epsilon)
+    return inverted / inverted.sum()
+
+
+def cur_indices(
+    norms_sq: torch.Tensor, k: int, generator: torch.Generator, epsilon: float = CUR_EPSILON
+) -> torch.Tensor:
+    """k distinct indices sampled with probability inverse to each squared norm (CURLoRA)."""
+    q = cur_probabilities(norms_sq, epsilon)
+    return torch.multinomial(q, k, replacement=False, generator=generator)
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")

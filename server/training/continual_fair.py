@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -61,27 +62,27 @@ from guardkit_server.training.sources import HARMFUL_REQUEST, JAILBREAK
 
 TASK_A, TASK_B = HARMFUL_REQUEST, JAILBREAK
 BENCH_NAME = "continual"
-# Differences of accuracy (pp) below this are called noise in the report (a few examples of ~120).
-NOISE_PP = 3.0
+# Differences of accuracy below this many test examples are called noise in the report.
+NOISE_EXAMPLES = 3
 
 
 @dataclass(frozen=True)
 class Settings:
     """The protocol's knobs, sized for about 40 minutes on 2 CPU cores (recorded in the JSON)."""
 
-    a_steps: int = 48
-    b_steps: int = 48
-    b_checkpoints: tuple[int, ...] = (0, 8, 16, 32, 48)
+    a_steps: int = 20
+    b_steps: int = 20
+    b_checkpoints: tuple[int, ...] = (0, 5, 10, 20)
     warmup_fraction: float = 0.1  # of each task's steps
     batch_size: int = 8
-    max_conversation_tokens: int = 512
+    max_conversation_tokens: int = 384
     rank: int = 8
     lora_alpha: float = 16.0  # LoRA scaling alpha / r = 2 (the repository's recipe); CURLoRA: 1
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_lrs: tuple[float, ...] = (2.5e-4, 1e-3, 4e-3)
     curlora_lrs: tuple[float, ...] = (2.5e-4, 1e-3, 4e-3, 1.6e-2)
-    val_n: int = 100  # A's validation subsample (lr choice)
-    test_n: int = 120  # A's and B's test subsamples (curves)
+    val_n: int = 64  # A's validation subsample (lr choice)
+    test_n: int = 80  # A's and B's test subsamples (curves)
     compute_dtype: str = "bf16"
     seed: int = 0
     eval_batch: int = 16
@@ -335,8 +336,34 @@ def _log(msg: str, started: float) -> None:
     print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {msg}", flush=True)
 
 
+def other_load(interval: float = 1.0) -> float:
+    """Cores' worth of CPU that other processes used over ``interval`` seconds (this one sleeps)."""
+    def sample() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            busy = sum(int(x) for x in f.readline().split()[1:4])  # user, nice, system
+        return busy / os.sysconf("SC_CLK_TCK"), time.monotonic()
+
+    try:
+        (b0, t0), own0 = sample(), sum(os.times()[:2])
+        time.sleep(interval)
+        (b1, t1), own1 = sample(), sum(os.times()[:2])
+    except (OSError, ValueError):
+        return 0.0
+    return max(0.0, (b1 - b0) - (own1 - own0)) / (t1 - t0)
+
+
+def pick_threads() -> int:
+    """All cores, or all but the ones other jobs keep busy: on a shared 2-core machine two torch
+    threads against a busy vLLM worker ran 4x slower than one thread (measured)."""
+    cores = os.cpu_count() or 1
+    threads = max(1, min(cores, round(cores - other_load())))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def train_on_a(runner: Runner, config: Config, started: float) -> dict[str, Any]:
     s = runner.s
+    threads = pick_threads()
     adapted = runner.adapted(config)
     t0 = time.perf_counter()
     result = runner.train(adapted, config, runner.tasks.a_train, s.a_steps, s.warmup_a)
@@ -344,9 +371,10 @@ def train_on_a(runner: Runner, config: Config, started: float) -> dict[str, Any]
     val = runner.score(adapted, runner.tasks.a_val)
     tail = result.log.loss[-max(1, s.a_steps // 6):]
     _log(f"A {config.name:24s} {s.a_steps} steps {seconds:5.0f} s, train loss (last {len(tail)}) "
-         f"{sum(tail) / len(tail):.3f}, A-validation {100 * val['accuracy']:.1f} % (loss {val['loss']:.3f}, n {val['n']})", started)
+         f"{sum(tail) / len(tail):.3f}, A-validation {100 * val['accuracy']:.1f} % (loss {val['loss']:.3f}, n {val['n']}); "
+         f"{threads} thread(s)", started)
     return {
-        "config": asdict(config), "train_seconds": round(seconds, 1), "steps": s.a_steps,
+        "config": asdict(config), "train_seconds": round(seconds, 1), "steps": s.a_steps, "threads": threads,
         "train_loss": [round(x, 4) for x in result.log.loss], "lr_schedule": [float(f"{x:.4g}") for x in result.log.lr],
         "validation": val, "state": adapter_state(adapted.modules),
     }
@@ -369,12 +397,13 @@ def continue_on_b(runner: Runner, config: Config, state: dict[str, torch.Tensor]
             curve[key].append(value)
         _log(f"B {config.name:24s} step {step:3d}: A-test {100 * a['accuracy']:5.1f} %, B-test {100 * b['accuracy']:5.1f} %", started)
 
+    threads = pick_threads()
     checkpoint(0)
     marks = set(s.b_checkpoints) - {0}
     t0 = time.perf_counter()
     result = runner.train(adapted, config, tasks.b_train, s.b_steps, s.warmup_b,
                           on_step=lambda step, _loss: checkpoint(step) if step in marks else None)
-    return {"config": asdict(config), "curve": curve, "b_seconds": round(time.perf_counter() - t0, 1),
+    return {"config": asdict(config), "curve": curve, "b_seconds": round(time.perf_counter() - t0, 1), "threads": threads,
             "b_train_loss": [round(x, 4) for x in result.log.loss]}
 
 
@@ -449,7 +478,7 @@ def run(out_dir: Path = Path("docs") / "benchmarks", s: Settings = Settings(), m
     data = {
         "environment": env,
         "model": model_dir,
-        "settings": {**asdict(s), "warmup_a": s.warmup_a, "warmup_b": s.warmup_b, "noise_pp": NOISE_PP,
+        "settings": {**asdict(s), "warmup_a": s.warmup_a, "warmup_b": s.warmup_b, "noise_pp": 100 * NOISE_EXAMPLES / s.test_n,
                      "path": "HF forward (trainer/forward.py), every token adapted, bf16 autocast; accuracy = argmax over Yes/No (threshold 0.5)",
                      "optimizer": "AdamW, weight decay 0, grad clip 1.0; a fresh optimizer per task; linear warm-up then cosine to 0"},
         "tasks": {"A": TASK_A, "B": TASK_B, **tasks.info},
@@ -513,7 +542,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def verdict(summary: dict[str, Any]) -> dict[str, Any]:
+def verdict(summary: dict[str, Any], noise: float) -> dict[str, Any]:
     """Does CURLoRA forget less than LoRA here? Per CURLoRA variant: the difference in forgetting
     at equal B accuracy and at the end (pp; positive = CURLoRA forgets less), and a word."""
     rows = summary["rows"]
@@ -525,11 +554,11 @@ def verdict(summary: dict[str, Any]) -> dict[str, Any]:
         eq = lora["at_equal_B"]["forgetting_pp"] - r["at_equal_B"]["forgetting_pp"]
         fin = lora["forgetting_final_pp"] - r["forgetting_final_pp"]
         b_gap = 100 * (r["B_final"] - lora["B_final"])
-        if eq >= NOISE_PP and fin >= NOISE_PP:
+        if eq >= noise and fin >= noise:
             word = "forgets less"
-        elif eq <= -NOISE_PP and fin <= -NOISE_PP:
+        elif eq <= -noise and fin <= -noise:
             word = "forgets more"
-        elif abs(eq) < NOISE_PP and abs(fin) < NOISE_PP:
+        elif abs(eq) < noise and abs(fin) < noise:
             word = "no difference beyond noise"
         else:
             word = "mixed"
@@ -541,7 +570,7 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
     env, s, t, summary = data["environment"], data["settings"], data["tasks"], data["summary"]
     v = env["versions"]
     rows = summary["rows"]
-    verdicts = verdict(summary)
+    verdicts = verdict(summary, s["noise_pp"])
     m = data["matched"]
     sweep_lines = []
     for method in ("lora", "curlora"):
@@ -575,7 +604,7 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
         f"conversations cut to {s['max_conversation_tokens']} tokens by the contract's length rule, and "
         f"deterministic subsamples for evaluation ({s['val_n']} A-validation, {s['test_n']} A-test, "
         f"{s['test_n']} B-test examples: one example is {100 / s['test_n']:.1f} pp). Differences under "
-        f"{NOISE_PP:g} pp are called noise below. The paper trains for epochs on larger models; these "
+        f"{s['noise_pp']:.2g} pp ({NOISE_EXAMPLES} examples) are called noise below. The paper trains for epochs on larger models; these "
         "numbers say what happens at this budget.",
         "",
         "## Protocol",
@@ -683,6 +712,7 @@ def conclusion(data: dict[str, Any], verdicts: dict[str, dict[str, Any]]) -> lis
 def why(data: dict[str, Any]) -> list[str]:
     """What explains the result, from the numbers: what each learned, step size, sampling."""
     rows, m, sweep = data["summary"]["rows"], data["matched"], data["sweep"]
+    NOISE_PP = data["settings"]["noise_pp"]  # noqa: N806
     lora, cur = rows["lora"], rows["curlora"]
     best = {k: max(r["validation"]["accuracy"] for r in sweep[k]) for k in ("lora", "curlora")}
     lines = ["Why:", ""]

@@ -19,7 +19,8 @@ engine looks slower, never faster. Tokens are not all the engine's time (a CPU e
 concurrent requests worse than one after another; policies of one call may compute their shared
 prefix more than once when scheduled together), so every finished call also compares how long it
 took with what the token model predicted when it was admitted; the running ratio scales every
-prediction (``calibration``). A call holds its place from its arrival (with a cost
+prediction (``calibration``). A call still running past its prediction is a lower bound of that
+ratio already: the gate does not wait for it to finish to refuse the calls that would slow it more. A call holds its place from its arrival (with a cost
 estimated from its characters), so a burst is decided in arrival order at once, not after each
 call's tokenizing.
 """
@@ -56,7 +57,7 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass
+@dataclass(eq=False)  # a ticket is itself: held in a set by identity
 class Ticket:
     """A call holding its place: its evaluations, its expected cost, and what it really did."""
 
@@ -89,6 +90,7 @@ class Admission:
         self._stalled_at = 0.0
         self._rate = rate  # the last measurement, kept across idle moments
         self.calibration = 1.0  # how much longer calls really take than the token model says
+        self._live: set[Ticket] = set()  # accepted and not finished
 
     # -------------------------------------------------------------- measurement
     def rate(self) -> float | None:
@@ -112,10 +114,21 @@ class Admission:
             return None
         return (self.outstanding_cost + cost) / rate
 
+    def current_calibration(self) -> float:
+        """``calibration``, or more when a call still running has already overrun its prediction
+        by more than that."""
+        now = time.monotonic()
+        overrun = max(
+            ((now - t.admitted_at) / t.predicted_s for t in self._live
+             if t.predicted_s is not None and t.predicted_s >= _CALIBRATION_MIN_S),
+            default=0.0,
+        )
+        return min(_CALIBRATION_BOUNDS[1], max(self.calibration, overrun))
+
     def expected_time_s(self, cost: int) -> float | None:
         """Until a call of this cost would be done if it joined now (None: unknown rate)."""
         modelled = self._modelled_time_s(cost)
-        return None if modelled is None else modelled * self.calibration
+        return None if modelled is None else modelled * self.current_calibration()
 
     def refuse_early(self, evaluations: int, cost: int, deadline_s: float) -> float | None:
         """Raise ``Overloaded`` now, before more work on the call, when ``admit`` would; else the
@@ -130,7 +143,7 @@ class Admission:
                 self._retry_after(cost),
             )
         modelled = self._modelled_time_s(cost)
-        expected = None if modelled is None else modelled * self.calibration
+        expected = None if modelled is None else modelled * self.current_calibration()
         if expected is not None and expected > deadline_s * _DEADLINE_SHARE and self.outstanding_cost:
             raise Overloaded(
                 f"guardkit-server is busy: the expected time for this call ({expected:.1f} s) exceeds "
@@ -150,9 +163,11 @@ class Admission:
         ticket = Ticket(size, cost, predicted_s=modelled, admitted_at=time.monotonic())
         self.outstanding_cost += cost
         self.accepted += size
+        self._live.add(ticket)
         try:
             yield ticket
         finally:
+            self._live.discard(ticket)
             self.accepted -= size
             self._release(ticket)
 

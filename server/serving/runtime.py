@@ -178,7 +178,7 @@ class ServerRuntime:
         admission = self.fanout.admission
         self.metrics.admission_rate.set_function(lambda: admission.rate() or 0.0)
         self.metrics.admission_outstanding.set_function(lambda: admission.outstanding_cost)
-        self.metrics.admission_calibration.set_function(lambda: admission.calibration)
+        self.metrics.admission_calibration.set_function(admission.current_calibration)
         self.ready = True
         self.metrics.engine_up.set(1)
 

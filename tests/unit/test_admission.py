@@ -238,3 +238,28 @@ def test_calls_slower_than_the_token_model_make_admission_stricter(monkeypatch):
         assert gate.calibration < 1.1
 
     asyncio.run(scenario())
+
+
+def test_a_call_running_past_its_prediction_makes_admission_stricter_before_it_finishes(monkeypatch):
+    """The first wave after a quiet moment is decided on old knowledge; if it runs slow, the
+    calls arriving meanwhile are refused on what the running calls show, not after they finish."""
+    import guardkit_server.serving.admission as admission
+
+    clock = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: clock[0])
+
+    async def scenario() -> None:
+        gate = Admission(capacity=64, queue=64, rate=100.0)
+        async with gate.admit(1, 100, deadline_s=30) as ticket:  # 1 s by the token model
+            await gate.run(ticket, deadline_s=30)
+            assert gate.expected_time_s(600) == pytest.approx(7.0)  # (100 + 600) / 100, calibration 1
+            clock[0] += 3.0  # still running after 3 s: at least 3x slower than modelled
+            assert gate.calibration == 1.0 and gate.current_calibration() == pytest.approx(3.0)
+            assert gate.expected_time_s(600) == pytest.approx(21.0)
+            with pytest.raises(Overloaded, match="exceeds its deadline"):
+                gate.refuse_early(1, 600, deadline_s=30)  # 21 s > 0.5 x 30 s
+            ticket.finished(100)
+        assert gate.calibration == pytest.approx(0.8 * 1.0 + 0.2 * 3.0)  # learned on finishing
+        assert gate.current_calibration() == pytest.approx(gate.calibration)  # nothing running
+
+    asyncio.run(scenario())

@@ -1,6 +1,6 @@
 """CURLoRA vs LoRA on continual learning, compared fairly: docs/benchmarks/continual.{json,md,png}.
 
-    python -m guardkit_server.training.benchmark continual        # the whole protocol (~40 min, 2 CPU cores)
+    python -m guardkit_server.training.benchmark continual        # the whole protocol (~45 min on one free CPU core)
     python -m guardkit_server.training.continual_fair --help      # the same with every knob
 
 Issue 18: the earlier comparison ran CURLoRA at 30x LoRA's learning rate, and its task B (the
@@ -64,6 +64,13 @@ TASK_A, TASK_B = HARMFUL_REQUEST, JAILBREAK
 BENCH_NAME = "continual"
 # Differences of accuracy below this many test examples are called noise in the report.
 NOISE_EXAMPLES = 3
+# What the first, longer-sequence attempt showed (killed after three runs once a second job took a core).
+PILOT = (
+    "A pilot with the paper's learning rates (20 steps on A, 384-token conversations) was stopped after "
+    "three runs: LoRA at 2.5e-4, 1e-3 and 4e-3 reached 57.8, 59.4 and 60.9 % on a 64-example A-validation "
+    "subsample, no better than answering No to everything (63 % of A's validation split is No). At this "
+    "budget the paper's 2.5e-4 learns nothing, so the sweeps here start at 4e-3."
+)
 
 
 @dataclass(frozen=True)
@@ -75,17 +82,19 @@ class Settings:
     b_checkpoints: tuple[int, ...] = (0, 5, 10, 20)
     warmup_fraction: float = 0.1  # of each task's steps
     batch_size: int = 8
-    max_conversation_tokens: int = 384
+    max_conversation_tokens: int = 256
     rank: int = 8
     lora_alpha: float = 16.0  # LoRA scaling alpha / r = 2 (the repository's recipe); CURLoRA: 1
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    lora_lrs: tuple[float, ...] = (2.5e-4, 1e-3, 4e-3)
-    curlora_lrs: tuple[float, ...] = (2.5e-4, 1e-3, 4e-3, 1.6e-2)
-    val_n: int = 64  # A's validation subsample (lr choice)
-    test_n: int = 80  # A's and B's test subsamples (curves)
+    # The paper's 2.5e-4 learns nothing in this budget (see PILOT): the sweeps start at 4e-3.
+    lora_lrs: tuple[float, ...] = (4e-3, 1.6e-2, 6.4e-2)
+    curlora_lrs: tuple[float, ...] = (4e-3, 1.6e-2, 6.4e-2)
+    val_n: int = 48  # A's validation subsample (lr choice)
+    test_n: int = 60  # A's and B's test subsamples (curves)
     compute_dtype: str = "bf16"
     seed: int = 0
     eval_batch: int = 16
+    note: str = PILOT  # printed in the report
 
     @property
     def warmup_a(self) -> int:
@@ -607,6 +616,10 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
         f"{s['noise_pp']:.2g} pp ({NOISE_EXAMPLES} examples) are called noise below. The paper trains for epochs on larger models; these "
         "numbers say what happens at this budget.",
         "",
+        *([s["note"], ""] if s.get("note") else []),
+        f"Torch threads per phase (one while another job kept a core busy, measured before each phase): "
+        f"{_threads_line(data)}.",
+        "",
         "## Protocol",
         "",
         f"- **Tasks.** A = `{t['A']}`: its own train split ({a['train']['total']} examples), rule and test split. "
@@ -670,6 +683,14 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
     lines += ["## Does the paper's claim hold here?", "", *conclusion(data, verdicts), ""]
     (out_dir / f"{BENCH_NAME}.md").write_text("\n".join(lines))
     plot(out_dir / f"{BENCH_NAME}.png", data)
+
+
+def _threads_line(data: dict[str, Any]) -> str:
+    runs = [*data["sweep"]["lora"], *data["sweep"]["curlora"], *data["extra_a_runs"]]
+    a = Counter(r.get("threads") for r in runs)
+    b = Counter(c.get("threads") for c in data["curves"])
+    return (f"A runs {', '.join(f'{n} at {t}' for t, n in sorted(a.items(), key=str))}; "
+            f"B runs {', '.join(f'{n} at {t}' for t, n in sorted(b.items(), key=str))}")
 
 
 def _fmt_counts(counts: Mapping[str, int]) -> str:
@@ -819,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-lrs", default=",".join(f"{x:g}" for x in d.lora_lrs))
     parser.add_argument("--curlora-lrs", default=",".join(f"{x:g}" for x in d.curlora_lrs))
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=d.compute_dtype)
+    parser.add_argument("--note", default=d.note, help="a paragraph for the report (default: the pilot's finding)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -829,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         b_checkpoints=tuple(sorted({0, *(int(x) for x in args.checkpoints.split(",")), args.b_steps})),
         val_n=args.val_n, test_n=args.test_n, max_conversation_tokens=args.max_conversation_tokens,
         lora_lrs=tuple(float(x) for x in args.lora_lrs.split(",")),
-        curlora_lrs=tuple(float(x) for x in args.curlora_lrs.split(",")), compute_dtype=args.dtype,
+        curlora_lrs=tuple(float(x) for x in args.curlora_lrs.split(",")), compute_dtype=args.dtype, note=args.note,
     )
     run(args.out_dir, s, args.model)
     return 0

@@ -64,12 +64,16 @@ TASK_A, TASK_B = HARMFUL_REQUEST, JAILBREAK
 BENCH_NAME = "continual"
 # Differences of accuracy below this many test examples are called noise in the report.
 NOISE_EXAMPLES = 3
-# What the first, longer-sequence attempt showed (killed after three runs once a second job took a core).
+# What two pilot runs on the production-shaped splits showed (each stopped after its LoRA sweep).
 PILOT = (
-    "A pilot with the paper's learning rates (20 steps on A, 384-token conversations) was stopped after "
-    "three runs: LoRA at 2.5e-4, 1e-3 and 4e-3 reached 57.8, 59.4 and 60.9 % on a 64-example A-validation "
-    "subsample, no better than answering No to everything (63 % of A's validation split is No). At this "
-    "budget the paper's 2.5e-4 learns nothing, so the sweeps here start at 4e-3."
+    "Two pilots on the production-shaped splits (conversations with histories, system prompts, tool "
+    "output) were stopped after their LoRA sweeps, 20 steps on A each: with 384-token conversations, LoRA "
+    "at 2.5e-4 (the paper's rate), 1e-3 and 4e-3 reached 57.8, 59.4 and 60.9 % on a 64-example "
+    "A-validation subsample whose share of No is 59.4 %; with 256 tokens, LoRA at 4e-3, 1.6e-2 and 6.4e-2 "
+    "all reached 64.6 %, the subsample's share of No (6.4e-2 diverged, loss 7.7). In that budget nothing "
+    "is learned, so nothing can be forgotten: this run uses the datasets' source items (the same "
+    "splits before production shaping: mostly single requests, about half as long), more steps, and "
+    "sweeps from 1e-3 up."
 )
 
 
@@ -77,24 +81,25 @@ PILOT = (
 class Settings:
     """The protocol's knobs, sized for about 40 minutes on 2 CPU cores (recorded in the JSON)."""
 
-    a_steps: int = 20
-    b_steps: int = 20
-    b_checkpoints: tuple[int, ...] = (0, 5, 10, 20)
+    a_steps: int = 30
+    b_steps: int = 30
+    b_checkpoints: tuple[int, ...] = (0, 5, 10, 20, 30)
     warmup_fraction: float = 0.1  # of each task's steps
     batch_size: int = 8
     max_conversation_tokens: int = 256
     rank: int = 8
     lora_alpha: float = 16.0  # LoRA scaling alpha / r = 2 (the repository's recipe); CURLoRA: 1
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    # The paper's 2.5e-4 learns nothing in this budget (see PILOT): the sweeps start at 4e-3.
-    lora_lrs: tuple[float, ...] = (4e-3, 1.6e-2, 6.4e-2)
-    curlora_lrs: tuple[float, ...] = (4e-3, 1.6e-2, 6.4e-2)
+    # The paper's 2.5e-4 learns nothing in this budget (see PILOT): the sweeps start at 1e-3.
+    lora_lrs: tuple[float, ...] = (1e-3, 4e-3, 1.6e-2)
+    curlora_lrs: tuple[float, ...] = (1e-3, 4e-3, 1.6e-2)
     val_n: int = 48  # A's validation subsample (lr choice)
     test_n: int = 60  # A's and B's test subsamples (curves)
     compute_dtype: str = "bf16"
     seed: int = 0
     eval_batch: int = 16
     note: str = PILOT  # printed in the report
+    shaped: bool = False  # the production-shaped splits (True) or the source items (DatasetSplits.items)
 
     @property
     def warmup_a(self) -> int:
@@ -253,34 +258,37 @@ def load_tasks(model_dir: str, s: Settings) -> Tasks:
     from guardkit_server.training.examples import encode_all
     from guardkit_server.training.policy_training import PolicyDefinition
 
-    a, b = D.builtin_dataset(TASK_A), D.builtin_dataset(TASK_B)
+    a_ds, b_ds = D.builtin_dataset(TASK_A), D.builtin_dataset(TASK_B)
     assert D._POOL is not None
-    labels = a_label_map(D._POOL.items, (ex for split in a.splits.values() for ex in split))
+    a_splits = a_ds.splits if s.shaped else a_ds.items
+    b_splits = b_ds.splits if s.shaped else b_ds.items
+    labels = a_label_map(D._POOL.items, (ex for split in a_ds.splits.values() for ex in split))
     b_kept, b_dropped = {}, {}
     for split in ("train", "test"):
-        b_kept[split], b_dropped[split] = conflict_free(b.splits[split], labels)
+        b_kept[split], b_dropped[split] = conflict_free(b_splits[split], labels)
     contract = PromptContract.from_pretrained(model_dir, max_conversation_tokens=s.max_conversation_tokens)
     prompts = {t: PolicyDefinition(name=t, rule=D.BUILTIN_POLICIES[t].rule).prompt() for t in (TASK_A, TASK_B)}
-    a_val = subsample(a.splits["validation"], s.val_n, f"continual/{TASK_A}/validation")
-    a_test = subsample(a.splits["test"], s.test_n, f"continual/{TASK_A}/test")
+    a_val = subsample(a_splits["validation"], s.val_n, f"continual/{TASK_A}/validation")
+    a_test = subsample(a_splits["test"], s.test_n, f"continual/{TASK_A}/test")
     b_test = subsample(b_kept["test"], s.test_n, f"continual/{TASK_B}/test")
 
     def sizes(exs: Sequence[Any]) -> dict[str, int]:
         return dict(Counter(ex.label for ex in exs)) | {"total": len(exs)}
 
     info = {
-        "A_data": {"train": sizes(a.splits["train"]), "validation_subsample": sizes(a_val), "test_subsample": sizes(a_test),
-              "validation": len(a.splits["validation"]), "test": len(a.splits["test"])},
-        "B_data": {"train_all": len(b.splits["train"]), "train": sizes(b_kept["train"]),
-              "dropped_train": dict(b_dropped["train"]), "test_all": len(b.splits["test"]),
+        "A_data": {"train": sizes(a_splits["train"]), "validation_subsample": sizes(a_val), "test_subsample": sizes(a_test),
+              "validation": len(a_splits["validation"]), "test": len(a_splits["test"])},
+        "B_data": {"train_all": len(b_splits["train"]), "train": sizes(b_kept["train"]),
+              "dropped_train": dict(b_dropped["train"]), "test_all": len(b_splits["test"]),
               "test": sizes(b_kept["test"]), "dropped_test": dict(b_dropped["test"]), "test_subsample": sizes(b_test)},
         "subsample": "the n examples with the smallest sha256(salt:id) (kv_pruning.subsample)",
-        "digests": {"A": a.provenance["digests"], "B": b.provenance["digests"]},
+        "digests": {"A": a_ds.provenance["digests"], "B": b_ds.provenance["digests"]},
+        "examples": "production-shaped splits" if s.shaped else "source items (DatasetSplits.items: the same splits before production shaping)",
     }
     pa, pb = prompts[TASK_A], prompts[TASK_B]
     return Tasks(
         contract, contract.label_token_ids(pa.labels), prompts,
-        encode_all(contract, a.splits["train"], pa), encode_all(contract, a_val, pa), encode_all(contract, a_test, pa),
+        encode_all(contract, a_splits["train"], pa), encode_all(contract, a_val, pa), encode_all(contract, a_test, pa),
         encode_all(contract, b_kept["train"], pb), encode_all(contract, b_test, pb), info,
     )
 
@@ -622,7 +630,7 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
         "",
         "## Protocol",
         "",
-        f"- **Tasks.** A = `{t['A']}`: its own train split ({a['train']['total']} examples), rule and test split. "
+        f"- **Tasks** ({t['examples']}). A = `{t['A']}`: its own train split ({a['train']['total']} examples), rule and test split. "
         f"B = `{t['B']}` with every example whose A label disagrees removed: a B `No` is kept only where A "
         "also says `No` (B `No` on a plain harmful request is the conflict the earlier protocol trained on; "
         "B `No` items with no A label, harmful objectives with a reply, are dropped too), and a B `Yes` is "
@@ -840,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-lrs", default=",".join(f"{x:g}" for x in d.lora_lrs))
     parser.add_argument("--curlora-lrs", default=",".join(f"{x:g}" for x in d.curlora_lrs))
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=d.compute_dtype)
+    parser.add_argument("--shaped", action="store_true", help="the production-shaped splits instead of the source items")
     parser.add_argument("--note", default=d.note, help="a paragraph for the report (default: the pilot's finding)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
     args = parser.parse_args(argv)
@@ -852,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         val_n=args.val_n, test_n=args.test_n, max_conversation_tokens=args.max_conversation_tokens,
         lora_lrs=tuple(float(x) for x in args.lora_lrs.split(",")),
         curlora_lrs=tuple(float(x) for x in args.curlora_lrs.split(",")), compute_dtype=args.dtype, note=args.note,
+        shaped=args.shaped,
     )
     run(args.out_dir, s, args.model)
     return 0

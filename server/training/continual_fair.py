@@ -283,7 +283,7 @@ def load_tasks(model_dir: str, s: Settings) -> Tasks:
               "test": sizes(b_kept["test"]), "dropped_test": dict(b_dropped["test"]), "test_subsample": sizes(b_test)},
         "subsample": "the n examples with the smallest sha256(salt:id) (kv_pruning.subsample)",
         "digests": {"A": a_ds.provenance["digests"], "B": b_ds.provenance["digests"]},
-        "examples": "production-shaped splits" if s.shaped else "source items (DatasetSplits.items: the same splits before production shaping)",
+        "examples": "the production-shaped splits" if s.shaped else "the source items, i.e. the same splits before production shaping (DatasetSplits.items)",
     }
     pa, pb = prompts[TASK_A], prompts[TASK_B]
     return Tasks(
@@ -329,7 +329,9 @@ class Runner:
         from guardkit_server.training.trainer import evaluate_loss
 
         r = evaluate_loss(adapted, data, self.tasks.label_ids, self.s.eval_batch)
-        return {"accuracy": r["accuracy"], "loss": r["loss"], "n": r["n"]}
+        yes = list(self.tasks.prompts[TASK_A].labels).index("Yes")
+        yes_rate = sum(p[yes] > 0.5 for p in r["probs"]) / max(1, len(r["probs"]))
+        return {"accuracy": r["accuracy"], "loss": r["loss"], "n": r["n"], "yes_rate": yes_rate}
 
     def train(self, adapted: Any, config: Config, data: Sequence[Any], steps: int, warmup: int,
               on_step: Callable[[int, float], None] | None = None) -> Any:
@@ -405,12 +407,13 @@ def choose(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def continue_on_b(runner: Runner, config: Config, state: dict[str, torch.Tensor], started: float) -> dict[str, Any]:
     s, tasks = runner.s, runner.tasks
     adapted = runner.adapted(config, state)
-    curve: dict[str, list[float]] = {"step": [], "A_accuracy": [], "B_accuracy": [], "A_loss": [], "B_loss": []}
+    curve: dict[str, list[float]] = {k: [] for k in ("step", "A_accuracy", "B_accuracy", "A_loss", "B_loss", "A_yes_rate", "B_yes_rate")}
 
     def checkpoint(step: int) -> None:
         a, b = runner.score(adapted, tasks.a_test), runner.score(adapted, tasks.b_test)
         for key, value in (("step", step), ("A_accuracy", a["accuracy"]), ("B_accuracy", b["accuracy"]),
-                           ("A_loss", a["loss"]), ("B_loss", b["loss"])):
+                           ("A_loss", a["loss"]), ("B_loss", b["loss"]), ("A_yes_rate", a["yes_rate"]),
+                           ("B_yes_rate", b["yes_rate"])):
             curve[key].append(value)
         _log(f"B {config.name:24s} step {step:3d}: A-test {100 * a['accuracy']:5.1f} %, B-test {100 * b['accuracy']:5.1f} %", started)
 
@@ -522,8 +525,13 @@ def _layer_ratio_range(probe: dict[str, Any], lora_lr: float, cur_lr: float) -> 
 
 
 # ------------------------------------------------------------------------------ the summary
+def constant_answer(sizes: Mapping[str, int]) -> dict[str, float]:
+    """What answering one label to everything scores on a subsample with these label counts."""
+    return {label: sizes.get(label, 0) / sizes["total"] for label in ("Yes", "No")}
+
+
 def equal_b_target(curves: Sequence[dict[str, Any]]) -> float:
-    """The highest B accuracy that every configuration reaches at some checkpoint."""
+    """The highest B accuracy that every given configuration reaches at some checkpoint."""
     return min(max(c["curve"]["B_accuracy"]) for c in curves)
 
 
@@ -536,9 +544,27 @@ def at_b_target(curve: dict[str, list[float]], target: float) -> dict[str, float
     raise ValueError("the curve never reaches the target")
 
 
+def constant_steps(curve: dict[str, list[float]], a_const: Mapping[str, float], b_const: Mapping[str, float]) -> dict[int, str]:
+    """Checkpoints where A's and B's accuracy are both exactly what one answer to everything scores
+    (the same label on both tests): step -> that label."""
+    out = {}
+    for i, step in enumerate(curve["step"]):
+        for label in ("Yes", "No"):
+            if abs(curve["A_accuracy"][i] - a_const[label]) < 1e-9 and abs(curve["B_accuracy"][i] - b_const[label]) < 1e-9:
+                out[step] = label
+    return out
+
+
 def summarize(data: dict[str, Any]) -> dict[str, Any]:
+    """Per configuration: A after A, the B phase's start and end, forgetting (final, largest dip, at
+    equal B accuracy), and whether it learned A / B beyond noise over the constant answer."""
     curves = data["curves"]
-    target = equal_b_target(curves)
+    noise = data["settings"]["noise_pp"] / 100
+    a_const = constant_answer(data["tasks"]["A_data"]["test_subsample"])
+    b_const = constant_answer(data["tasks"]["B_data"]["test_subsample"])
+    a_base, b_base = max(a_const.values()), max(b_const.values())
+    learned_b = [c for c in curves if max(c["curve"]["B_accuracy"]) >= b_base + noise - 1e-9]
+    target = equal_b_target(learned_b) if learned_b else None
     rows = {}
     for c in curves:
         k = c["curve"]
@@ -546,12 +572,17 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
             "lr": c["config"]["lr"],
             "A_validation_after_A": c["a_validation"]["accuracy"],
             "A_after_A": k["A_accuracy"][0], "B_before_B": k["B_accuracy"][0],
-            "A_final": k["A_accuracy"][-1], "B_final": k["B_accuracy"][-1],
+            "A_final": k["A_accuracy"][-1], "B_final": k["B_accuracy"][-1], "B_best": max(k["B_accuracy"]),
             "forgetting_final_pp": 100 * (k["A_accuracy"][0] - k["A_accuracy"][-1]),
             "max_forgetting_pp": 100 * (k["A_accuracy"][0] - min(k["A_accuracy"])),
-            "at_equal_B": at_b_target(k, target),
+            "A_skill_after_A_pp": 100 * (k["A_accuracy"][0] - a_base),  # over the constant answer
+            "A_skill_final_pp": 100 * (k["A_accuracy"][-1] - a_base),
+            "learned_A": k["A_accuracy"][0] >= a_base + noise - 1e-9,
+            "learned_B": c in learned_b,
+            "at_equal_B": at_b_target(k, target) if target is not None and c in learned_b else None,
+            "constant_answer_steps": constant_steps(k, a_const, b_const),
         }
-    return {"equal_B_target": target, "rows": rows}
+    return {"equal_B_target": target, "constant_answer": {"A": a_const, "B": b_const}, "rows": rows}
 
 
 # ------------------------------------------------------------------------------ the report
@@ -560,30 +591,38 @@ def _pct(x: float) -> str:
 
 
 def verdict(summary: dict[str, Any], noise: float) -> dict[str, Any]:
-    """Does CURLoRA forget less than LoRA here? Per CURLoRA variant: the difference in forgetting
-    at equal B accuracy and at the end (pp; positive = CURLoRA forgets less), and a word."""
+    """Does each CURLoRA variant forget less than LoRA? The differences in forgetting at equal B
+    accuracy and at the end (pp; positive = CURLoRA forgets less) and a word; a configuration that
+    did not learn A beyond noise has nothing to forget, so it is not compared."""
     rows = summary["rows"]
     lora = rows.get("lora")
     out = {}
     for name, r in rows.items():
         if name == "lora" or lora is None:
             continue
-        eq = lora["at_equal_B"]["forgetting_pp"] - r["at_equal_B"]["forgetting_pp"]
+        eq = (lora["at_equal_B"]["forgetting_pp"] - r["at_equal_B"]["forgetting_pp"]
+              if lora["at_equal_B"] and r["at_equal_B"] else None)
         fin = lora["forgetting_final_pp"] - r["forgetting_final_pp"]
-        b_gap = 100 * (r["B_final"] - lora["B_final"])
-        if eq >= noise and fin >= noise:
+        readings = [x for x in (eq, fin) if x is not None]
+        if not r["learned_A"]:
+            word = "did not learn A: nothing to forget"
+        elif not lora["learned_A"] and r["A_skill_final_pp"] < noise:
+            word = "loses all it learned of A (LoRA learned too little of A to compare)"
+        elif all(x >= noise for x in readings):
             word = "forgets less"
-        elif eq <= -noise and fin <= -noise:
+        elif all(x <= -noise for x in readings):
             word = "forgets more"
-        elif abs(eq) < noise and abs(fin) < noise:
+        elif all(abs(x) < noise for x in readings):
             word = "no difference beyond noise"
         else:
-            word = "mixed"
-        out[name] = {"less_forgetting_at_equal_B_pp": eq, "less_forgetting_final_pp": fin, "B_final_gap_pp": b_gap, "word": word}
+            word = "mixed (equal-B and final readings disagree)"
+        out[name] = {"less_forgetting_at_equal_B_pp": eq, "less_forgetting_final_pp": fin,
+                     "B_final_gap_pp": 100 * (r["B_final"] - lora["B_final"]), "word": word}
     return out
 
 
 def report(out_dir: Path, data: dict[str, Any]) -> None:
+    data["summary"] = summarize(data)  # from the curves, with this code's reading
     env, s, t, summary = data["environment"], data["settings"], data["tasks"], data["summary"]
     v = env["versions"]
     rows = summary["rows"]
@@ -630,7 +669,7 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
         "",
         "## Protocol",
         "",
-        f"- **Tasks** ({t['examples']}). A = `{t['A']}`: its own train split ({a['train']['total']} examples), rule and test split. "
+        f"- **Tasks.** Examples: {t['examples']}. A = `{t['A']}`: its own train split ({a['train']['total']} examples), rule and test split. "
         f"B = `{t['B']}` with every example whose A label disagrees removed: a B `No` is kept only where A "
         "also says `No` (B `No` on a plain harmful request is the conflict the earlier protocol trained on; "
         "B `No` items with no A label, harmful objectives with a reply, are dropped too), and a B `Yes` is "
@@ -673,24 +712,39 @@ def report(out_dir: Path, data: dict[str, Any]) -> None:
         "",
         "![continual](continual.png)",
         "",
-        f"Equal B accuracy: **{_pct(summary['equal_B_target'])} %**, the highest B-test accuracy every configuration "
-        "reaches at a checkpoint; columns 'at equal B' are each configuration's first checkpoint at or above it.",
+        *_equal_b_text(summary),
         "",
-        "| configuration | lr | A after A | B before B | at equal B: step | A | forgetting | final A | final B | forgetting (final) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | lr | A after A | B before B | largest A dip | at equal B: step | A | forgetting | final A | final B | forgetting (final) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
         eq = r["at_equal_B"]
+        eq_cells = (f"{eq['step']} | {_pct(eq['A_accuracy'])} | {eq['forgetting_pp']:+.1f} pp" if eq else "- | - | -")
         lines.append(
-            f"| {name} | {r['lr']:.3g} | {_pct(r['A_after_A'])} | {_pct(r['B_before_B'])} | {eq['step']} | "
-            f"{_pct(eq['A_accuracy'])} | {eq['forgetting_pp']:+.1f} pp | {_pct(r['A_final'])} | {_pct(r['B_final'])} | "
-            f"{r['forgetting_final_pp']:+.1f} pp |"
+            f"| {name} | {r['lr']:.3g} | {_pct(r['A_after_A'])} | {_pct(r['B_before_B'])} | {r['max_forgetting_pp']:+.1f} pp | "
+            f"{eq_cells} | {_pct(r['A_final'])} | {_pct(r['B_final'])} | {r['forgetting_final_pp']:+.1f} pp |"
         )
+    const = summary["constant_answer"]
     lines += ["", "Accuracy in percent on the test subsamples; forgetting = A accuracy lost since the end of A "
-              "(negative: A improved while training on B).", ""]
+              "(negative: A rose while training on B). Answering Yes to everything scores "
+              f"{_pct(const['A']['Yes'])} % on A's test subsample and {_pct(const['B']['Yes'])} % on B's; No: "
+              f"{_pct(const['A']['No'])} / {_pct(const['B']['No'])} % (the dotted lines in the plot).", ""]
     lines += ["## Does the paper's claim hold here?", "", *conclusion(data, verdicts), ""]
     (out_dir / f"{BENCH_NAME}.md").write_text("\n".join(lines))
     plot(out_dir / f"{BENCH_NAME}.png", data)
+
+
+def _majority(const: Mapping[str, float]) -> str:
+    return max(const, key=lambda k: const[k])
+
+
+def _equal_b_text(summary: dict[str, Any]) -> list[str]:
+    if summary["equal_B_target"] is None:
+        return ["No configuration learned B beyond noise over the constant answer: no equal-B comparison."]
+    skipped = [n for n, r in summary["rows"].items() if not r["learned_B"]]
+    return [f"Equal B accuracy: **{_pct(summary['equal_B_target'])} %**, the highest B-test accuracy every configuration "
+            "that learned B reaches at a checkpoint; 'at equal B' is each one's first checkpoint at or above it"
+            + (f" ({', '.join(skipped)} did not learn B beyond noise)." if skipped else ".")]
 
 
 def _threads_line(data: dict[str, Any]) -> str:
@@ -707,90 +761,132 @@ def _fmt_counts(counts: Mapping[str, int]) -> str:
 
 def conclusion(data: dict[str, Any], verdicts: dict[str, dict[str, Any]]) -> list[str]:
     """The reading, written from the numbers."""
-    rows = data["summary"]["rows"]
+    summary = data["summary"]
+    rows, noise = summary["rows"], data["settings"]["noise_pp"]
     lora = rows["lora"]
-    out = []
-    for name, v in verdicts.items():
-        r = rows[name]
-        out.append(
-            f"- **{name}** (lr {r['lr']:.3g}) vs LoRA: forgetting at equal B {r['at_equal_B']['forgetting_pp']:+.1f} vs "
-            f"{lora['at_equal_B']['forgetting_pp']:+.1f} pp, at the end {r['forgetting_final_pp']:+.1f} vs "
-            f"{lora['forgetting_final_pp']:+.1f} pp; final B {_pct(r['B_final'])} vs {_pct(lora['B_final'])} %; "
-            f"A after A {_pct(r['A_after_A'])} vs {_pct(lora['A_after_A'])} %: **{v['word']}**."
-        )
     words = {n: v["word"] for n, v in verdicts.items()}
     less = [n for n, w in words.items() if w == "forgets less"]
     more = [n for n, w in words.items() if w == "forgets more"]
     if less and not more:
-        head = (f"**The claim holds here** for {', '.join(less)}: less forgetting of A than LoRA beyond noise, at equal B "
-                "accuracy and at the end.")
+        head = (f"**The claim holds here** for {', '.join(less)}: less forgetting of A than LoRA beyond noise "
+                "at equal B accuracy and at the end.")
     elif more and not less:
-        head = f"**The claim does not hold here**: {', '.join(more)} forget(s) more than LoRA beyond noise."
-    elif not less and not more:
-        head = ("**The claim is not confirmed here**: no CURLoRA variant forgets A less than LoRA beyond noise "
-                "(nor clearly more) at this budget.")
+        head = f"**The claim does not hold here**: {', '.join(more)} forget(s) A more than LoRA beyond noise."
+    elif less and more:
+        head = (f"**Mixed**: {', '.join(less)} forget(s) less than LoRA, {', '.join(more)} more: not a property "
+                "of the decomposition alone here.")
     else:
-        head = (f"**Mixed**: {', '.join(less)} forget(s) less than LoRA, {', '.join(more)} more; the claim depends on "
-                "the learning rate / sampling, so it is not a property of the decomposition alone here.")
-    out.insert(0, head)
-    out.append("")
-    out += why(data)
+        head = "**The claim is not confirmed here**: no CURLoRA variant keeps more of task A than LoRA beyond noise."
+    out = [head, ""]
+    for name, v in verdicts.items():
+        r = rows[name]
+        eq = (f"at equal B {r['at_equal_B']['forgetting_pp']:+.1f} vs {lora['at_equal_B']['forgetting_pp']:+.1f} pp, "
+              if r["at_equal_B"] and lora["at_equal_B"] else "")
+        out.append(
+            f"- **{name}** (lr {r['lr']:.3g}) vs LoRA: A after A {_pct(r['A_after_A'])} vs {_pct(lora['A_after_A'])} %; "
+            f"forgetting {eq}at the end {r['forgetting_final_pp']:+.1f} vs {lora['forgetting_final_pp']:+.1f} pp; final B "
+            f"{_pct(r['B_final'])} vs {_pct(lora['B_final'])} %: **{v['word']}**."
+        )
+    const = summary["constant_answer"]
+    a_base = 100 * max(const["A"].values())
+    learned = [n for n, r in rows.items() if r["learned_A"]]
+    ends = [n for n in learned if rows[n]["A_skill_final_pp"] < noise]
+    if not lora["learned_A"]:
+        out += [""]
+        out.append(
+            f"The weak point: LoRA's validation-chosen run learned little of A in {data['settings']['a_steps']} steps: "
+            f"{_pct(lora['A_after_A'])} % on A's test subsample, {lora['A_skill_after_A_pp']:+.1f} pp over answering "
+            f"the majority label to everything ({a_base:.1f} %), within noise ({noise:.2g} pp). Its forgetting is "
+            "bounded by that, so it is a poor reference; what the numbers do show is below."
+        )
+    if learned and len(ends) == len(learned):
+        finals = ", ".join(f"{n} {_pct(rows[n]['A_final'])} %" for n in learned)
+        out += ["", (
+            f"Every configuration that learned A beyond noise ({', '.join(learned)}) ends B within noise of the constant "
+            f"answer on A (final A: {finals}; LoRA {_pct(lora['A_final'])} %; answering {_majority(const['A'])} to "
+            f"everything: {a_base:.1f} %): within noise, all it had learned of A is gone. Where CURLoRA's final A is "
+            "above LoRA's, it is by what it had learned more, not by a smaller loss (forgetting at the end "
+            + ", ".join(f"{n} {rows[n]['forgetting_final_pp']:+.1f} pp" for n in learned)
+            + f", LoRA {lora['forgetting_final_pp']:+.1f} pp)."
+        )]
+    collapsed = {n: {k: v for k, v in r["constant_answer_steps"].items() if k > 0} for n, r in rows.items()}
+    collapsed = {n: st for n, st in collapsed.items() if st}
+    if collapsed:
+        label = next(iter(next(iter(collapsed.values())).values()))
+        cells = "; ".join(f"{n} at B steps {', '.join(str(k) for k in sorted(st))}" for n, st in collapsed.items())
+        out += ["", (
+            f"On the way, A's and B's test accuracy both equal exactly what answering {label} to everything scores "
+            f"({_pct(const['A'][label])} and {_pct(const['B'][label])} %) for {cells}. That is consistent with the "
+            "first steps on a new task (a fresh AdamW moves every trained entry by about the learning rate per step, "
+            "at the top of the warm-up) overwriting the decision, for LoRA and CURLoRA alike."
+        )]
+    out += ["", *why(data)]
     return out
 
 
 def why(data: dict[str, Any]) -> list[str]:
-    """What explains the result, from the numbers: what each learned, step size, sampling."""
+    """What explains the result, from the numbers: what each learned, step size, sampling, budget."""
     rows, m, sweep = data["summary"]["rows"], data["matched"], data["sweep"]
-    NOISE_PP = data["settings"]["noise_pp"]  # noqa: N806
+    noise = data["settings"]["noise_pp"]
     lora, cur = rows["lora"], rows["curlora"]
     best = {k: max(r["validation"]["accuracy"] for r in sweep[k]) for k in ("lora", "curlora")}
     lines = ["Why:", ""]
-    text = (f"- **What each learned.** Best A-validation accuracy in the sweep: LoRA {_pct(best['lora'])} %, CURLoRA "
-            f"{_pct(best['curlora'])} % (chosen rates {data['chosen']['lora']:g} and {data['chosen']['curlora']:g}); "
-            "on the test subsamples, A after A / B gained during B: "
-            + "; ".join(f"{n} {_pct(r['A_after_A'])} % / {100 * (r['B_final'] - r['B_before_B']):+.1f} pp" for n, r in rows.items())
-            + ". ")
-    if cur["A_after_A"] < lora["A_after_A"] - NOISE_PP / 100:
-        text += "CURLoRA learned A less in the same budget, so it had less to lose. "
-    weak_b = [n for n, r in rows.items() if n != "lora" and (r["B_final"] - r["B_before_B"]) < (lora["B_final"] - lora["B_before_B"]) - NOISE_PP / 100]
-    if weak_b:
-        text += (f"{', '.join(weak_b)} also learned B less than LoRA: less plasticity, which by itself means less "
-                 "forgetting; hence the comparison at equal B accuracy. ")
-    lines.append(text.rstrip())
+    val_const = constant_answer(data["tasks"]["A_data"]["validation_subsample"])
+    one_answer = [f"{r['config']['name']} ({label})" for r in [*sweep["lora"], *sweep["curlora"], *data["extra_a_runs"]]
+                  for label, share in val_const.items() if abs(r["validation"]["accuracy"] - share) < 1e-9]
+    lines.append(
+        f"- **What each learned.** Best A-validation accuracy of the sweeps: LoRA {_pct(best['lora'])} % (lr "
+        f"{data['chosen']['lora']:g}), CURLoRA {_pct(best['curlora'])} % (lr {data['chosen']['curlora']:g}). On the test "
+        "subsamples, A after A (over the constant answer) and B gained during B: "
+        + "; ".join(f"{n} {_pct(r['A_after_A'])} % ({r['A_skill_after_A_pp']:+.1f} pp), B {100 * (r['B_final'] - r['B_before_B']):+.1f} pp"
+                    for n, r in rows.items()) + "."
+        + (f" Runs that scored exactly what one answer to everything scores on the validation subsample: "
+           f"{', '.join(one_answer)}." if one_answer else "")
+    )
     ratio = m["ratio_curlora_over_lora_at_same_lr"]
-    md = rows.get("curlora matched dW")
+    chosen_ratio = m["curlora_at_chosen"]["first_step_dW"] / m["lora"]["first_step_dW"]
     step = (f"- **Step size.** Per unit of learning rate CURLoRA's first step changes W {ratio:.3g}x as much as LoRA's "
-            f"(per layer {m['per_layer_ratio_range'][0]:.2g}x to {m['per_layer_ratio_range'][1]:.3g}x); at the chosen "
-            f"rates its first step is {m['curlora_at_chosen']['first_step_dW'] / m['lora']['first_step_dW']:.3g}x LoRA's. ")
+            f"(per layer {m['per_layer_ratio_range'][0]:.2g}x to {m['per_layer_ratio_range'][1]:.3g}x), so the "
+            f"validation-chosen rates give CURLoRA {chosen_ratio:.3g}x LoRA's first step: CURLoRA's better A came with "
+            "larger steps in W, not smaller ones (LoRA's sweep: "
+            + ", ".join(f"{r['config']['lr']:g} {_pct(r['validation']['accuracy'])} %" for r in sweep["lora"]) + "). ")
+    md = rows.get("curlora matched dW")
     if md is not None:
-        gap_eq = lora["at_equal_B"]["forgetting_pp"] - md["at_equal_B"]["forgetting_pp"]
-        gap_fin = lora["forgetting_final_pp"] - md["forgetting_final_pp"]
-        step += (f"With the first step matched (lr {m['matched_lr']:.3g}) CURLoRA reaches {_pct(md['A_after_A'])} % on A and "
-                 f"{_pct(md['B_final'])} % on B, forgetting {md['at_equal_B']['forgetting_pp']:+.1f} pp at equal B and "
-                 f"{md['forgetting_final_pp']:+.1f} pp at the end (LoRA {lora['at_equal_B']['forgetting_pp']:+.1f} / "
-                 f"{lora['forgetting_final_pp']:+.1f} pp): ")
-        if gap_eq >= NOISE_PP and gap_fin >= NOISE_PP:
-            step += "at an equal step size CURLoRA forgets less."
-        elif gap_eq <= -NOISE_PP and gap_fin <= -NOISE_PP:
-            step += "at an equal step size CURLoRA forgets more."
-        elif abs(gap_eq) < NOISE_PP and abs(gap_fin) < NOISE_PP:
-            step += "at an equal step size the two forget alike, within noise."
+        step += f"With its first step matched to LoRA's (lr {m['matched_lr']:.3g}) CURLoRA "
+        if not md["learned_A"]:
+            step += (f"learned nothing of A in the budget ({_pct(md['A_after_A'])} % on A's test subsample, "
+                     f"{_pct(md['A_validation_after_A'])} % on validation), so at an equal step size there is nothing to "
+                     f"compare forgetting on; during B its A accuracy rises to {_pct(md['A_final'])} %, close to what "
+                     f"answering {_majority(data['summary']['constant_answer']['A'])} to everything scores "
+                     f"({100 * max(data['summary']['constant_answer']['A'].values()):.1f} %), i.e. towards one answer, not towards A.")
         else:
-            step += "at an equal step size the comparison is mixed (equal-B and final readings disagree)."
+            step += (f"reaches {_pct(md['A_after_A'])} % on A and forgets {md['forgetting_final_pp']:+.1f} pp by the end "
+                     f"(LoRA {lora['forgetting_final_pp']:+.1f} pp).")
     lines.append(step)
     p = rows.get("curlora paper eps")
     if p is not None:
+        eq = (f"{p['at_equal_B']['forgetting_pp']:+.1f} pp at equal B and " if p["at_equal_B"] else "")
+        eq_ref = (f"{cur['at_equal_B']['forgetting_pp']:+.1f} / " if cur["at_equal_B"] else "")
         lines.append(
-            "- **Sampling formula.** The paper's exact inverse favours small-norm columns and rows much more than the "
-            f"reference code's (see Protocol); at the chosen lr it forgets {p['at_equal_B']['forgetting_pp']:+.1f} pp at "
-            f"equal B and {p['forgetting_final_pp']:+.1f} pp at the end (reference formula "
-            f"{cur['at_equal_B']['forgetting_pp']:+.1f} / {cur['forgetting_final_pp']:+.1f} pp), A after A "
-            f"{_pct(p['A_after_A'])} % ({_pct(cur['A_after_A'])} %), final B {_pct(p['B_final'])} % ({_pct(cur['B_final'])} %)."
+            "- **Sampling formula.** The paper's exact inverse favours small-norm columns and rows far more than the "
+            "reference code's (see Protocol). At the chosen lr it reaches "
+            f"{_pct(p['A_after_A'])} % on A ({_pct(cur['A_after_A'])} % with the reference formula), forgets {eq}"
+            f"{p['forgetting_final_pp']:+.1f} pp at the end ({eq_ref}{cur['forgetting_final_pp']:+.1f} pp) and reaches "
+            f"{_pct(p['B_final'])} % on B ({_pct(cur['B_final'])} %): "
+            + ("no difference beyond noise on A." if abs(p["forgetting_final_pp"] - cur["forgetting_final_pp"]) < noise
+               else "a difference beyond noise.")
         )
     lines.append(
-        "- **Reading forgetting at equal B accuracy** keeps the trade-off honest: a configuration that barely learns B "
-        "also barely forgets A (stability bought with plasticity), so the fair point is where all have learned B "
-        "equally well; the final numbers add where each ends after the same budget."
+        "- **Reading.** Forgetting is compared at equal B accuracy because a configuration that barely learns B also "
+        "barely forgets A (stability bought with plasticity); the checkpoints are coarse, so 'at equal B' is the first "
+        "checkpoint at or above the common target, which can overshoot it."
+    )
+    lines.append(
+        f"- **Budget.** The paper trains each task for epochs at 2.5e-4 on larger models; here each task gets "
+        f"{data['settings']['a_steps']} steps of batch {data['settings']['batch_size']}; the paper's 2.5e-4 learned nothing "
+        "in the pilot's 20 steps (above). What these numbers test is the regime this machine can afford: a few "
+        "large steps per task, on subsamples where 3 examples are the noise floor. A run with GPU time (hundreds "
+        "of steps at the paper's rate, full test splits) is what would settle the claim for this model."
     )
     return lines
 
@@ -801,13 +897,18 @@ def plot(path: Path, data: dict[str, Any]) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     colors = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd"]
-    target = 100 * data["summary"]["equal_B_target"]
+    summary = data["summary"]
     for c, color in zip(data["curves"], colors):
         k, name = c["curve"], c["config"]["name"]
         label = f"{name} (lr {c['config']['lr']:.2g})"
         axes[0].plot(k["step"], [100 * x for x in k["A_accuracy"]], "o-", color=color, ms=4, label=label)
         axes[1].plot(k["step"], [100 * x for x in k["B_accuracy"]], "o-", color=color, ms=4, label=label)
-    axes[1].axhline(target, color="#888", lw=0.8, ls="--", label="equal-B target")
+    if summary["equal_B_target"] is not None:
+        axes[1].axhline(100 * summary["equal_B_target"], color="#888", lw=0.8, ls="--", label="equal-B target")
+    for ax, task in ((axes[0], "A"), (axes[1], "B")):
+        for label, value in summary["constant_answer"][task].items():
+            ax.axhline(100 * value, color="#555", lw=0.8, ls=":")
+            ax.text(0, 100 * value, f" all {label}", fontsize=6, va="bottom", color="#555")
     axes[0].set_title(f"A = {data['tasks']['A']}: test accuracy (forgetting)", fontsize=9)
     axes[1].set_title(f"B = {data['tasks']['B']} (conflict-free): test accuracy", fontsize=9)
     for ax in axes[:2]:
@@ -852,8 +953,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default=d.note, help="a paragraph for the report (default: the pilot's finding)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown and plot from the JSON")
     args = parser.parse_args(argv)
-    if args.report_only:
-        report(args.out_dir, json.loads((args.out_dir / f"{BENCH_NAME}.json").read_text()))
+    if args.report_only:  # the summary is recomputed from the curves and written back with the report
+        path = args.out_dir / f"{BENCH_NAME}.json"
+        data = json.loads(path.read_text())
+        report(args.out_dir, data)
+        path.write_text(json.dumps(data, indent=1) + "\n")
         return 0
     s = Settings(
         a_steps=args.a_steps, b_steps=args.b_steps,

@@ -20,11 +20,14 @@ from guardkit_server.training.continual_fair import (
     a_label_map,
     at_b_target,
     conflict_free,
+    constant_steps,
     delta_weight,
     equal_b_target,
     first_step_change,
     matched_lr,
     sampling_ratios,
+    summarize,
+    verdict,
 )
 from guardkit_server.training.examples import Encoded, Example
 from guardkit_server.training.lowrank import (
@@ -262,3 +265,44 @@ def test_equal_b_comparison_reads_the_first_checkpoint_at_the_target():
 def test_config_spec_adapts_every_token():
     spec = Config("c", "curlora", 1e-3, CUR_EPSILON_PAPER).spec(Settings())
     assert spec.activated is False and spec.scaling == 1.0 and spec.cur_epsilon == 0.0
+
+
+def _curves_data(lora_a0: float, curlora_final: float = 0.80) -> dict:
+    def curve(name, a, b):
+        return {"config": {"name": name, "lr": 1e-3}, "a_validation": {"accuracy": a[0]},
+                "curve": {"step": [0, 5, 10], "A_accuracy": a, "B_accuracy": b}}
+
+    return {
+        "settings": {"noise_pp": 5.0},
+        "tasks": {"A_data": {"test_subsample": {"Yes": 40, "No": 20, "total": 60}},
+                  "B_data": {"test_subsample": {"Yes": 30, "No": 30, "total": 60}}},
+        "curves": [
+            curve("lora", [lora_a0, 40 / 60, 0.70], [0.5, 0.5, 0.9]),
+            curve("curlora", [0.90, 40 / 60, curlora_final], [0.5, 0.5, 0.8]),
+            curve("curlora matched dW", [20 / 60, 0.5, 0.6], [0.5, 0.5, 0.5]),  # learns neither
+        ],
+    }
+
+
+def test_summary_flags_what_was_not_learned_and_one_answer_checkpoints():
+    summary = summarize(_curves_data(0.85))
+    rows = summary["rows"]
+    assert summary["constant_answer"]["A"] == {"Yes": pytest.approx(2 / 3), "No": pytest.approx(1 / 3)}
+    assert rows["lora"]["learned_A"] and rows["curlora"]["learned_A"] and not rows["curlora matched dW"]["learned_A"]
+    assert not rows["curlora matched dW"]["learned_B"] and rows["curlora matched dW"]["at_equal_B"] is None
+    assert summary["equal_B_target"] == pytest.approx(0.8)  # over the configurations that learned B
+    assert rows["lora"]["at_equal_B"]["step"] == 10 and rows["curlora"]["at_equal_B"]["forgetting_pp"] == pytest.approx(10.0)
+    # step 5: A = 40/60 and B = 30/60 are what "Yes to everything" scores on both (B's shares tie)
+    assert constant_steps({"step": [0, 5], "A_accuracy": [0.9, 40 / 60], "B_accuracy": [0.5, 0.5]},
+                          summary["constant_answer"]["A"], summary["constant_answer"]["B"]) == {5: "Yes"}
+    words = {n: v["word"] for n, v in verdict(summary, 5.0).items()}
+    assert words["curlora"] == "forgets less"  # 15 vs 10 pp, at equal B (step 10 both) and at the end
+    assert words["curlora matched dW"].startswith("did not learn A")
+
+
+def test_verdict_does_not_compare_against_a_lora_that_learned_nothing():
+    # LoRA 70 % after A is 3.3 pp over "Yes to everything" (66.7 %), within noise; CURLoRA ends at 70 % too
+    summary = summarize(_curves_data(0.70, curlora_final=0.70))
+    assert not summary["rows"]["lora"]["learned_A"] and summary["rows"]["curlora"]["learned_A"]
+    words = {n: v["word"] for n, v in verdict(summary, 5.0).items()}
+    assert words["curlora"] == "loses all it learned of A (LoRA learned too little of A to compare)"

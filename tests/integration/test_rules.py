@@ -105,8 +105,11 @@ def test_rules_share_the_conversation_prefix_and_read_their_own_rule(rule_server
     result = guard(url, names, messages)
     start = contract.build(messages, PolicyPrompt(rule="x")).activation_start
     cached = sorted(v.cached_tokens for v in result.verdicts)
-    # one rule computes the conversation, the others reuse all of its full pre-activation blocks
-    assert cached[1:] == [start // BLOCK * BLOCK] * 2 and cached[0] < start // BLOCK * BLOCK
+    # one rule computes the conversation, the others reuse all of its full pre-activation blocks;
+    # scheduled after it, they may also reuse the block holding the activation (same judge, same
+    # activation offset, same invocation tokens: the plugin keys it by adapter and offset)
+    pre = start // BLOCK * BLOCK
+    assert all(c in (pre, pre + BLOCK) for c in cached[1:]) and cached[0] < pre, (cached, pre)
     scores = {v.policy: v.score for v in result.verdicts}
     assert all(v.outcome in ("allow", "block") and v.error is None for v in result.verdicts)
     assert len({round(s, 6) for s in scores.values()}) == 3  # the rule text is in the prompt

@@ -20,9 +20,9 @@ concurrent requests worse than one after another; policies of one call may compu
 prefix more than once when scheduled together), so every finished call also compares how long it
 took with what the token model predicted when it was admitted; the running ratio scales every
 prediction (``calibration``). A call still running past its prediction is a lower bound of that
-ratio already: the gate does not wait for it to finish to refuse the calls that would slow it more. A call holds its place from its arrival (with a cost
-estimated from its characters), so a burst is decided in arrival order at once, not after each
-call's tokenizing.
+ratio already: the gate does not wait for it to finish to refuse the calls that would slow it more.
+A call holds its place from its arrival (with a cost estimated from its characters), so a burst is
+decided in arrival order at once, not after each call's tokenizing.
 """
 
 from __future__ import annotations

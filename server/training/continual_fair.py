@@ -357,18 +357,13 @@ def _log(msg: str, started: float) -> None:
 
 def other_load(interval: float = 1.0) -> float:
     """Cores' worth of CPU that other processes used over ``interval`` seconds (this one sleeps)."""
-    def sample() -> tuple[float, float]:
-        with open("/proc/stat") as f:
-            busy = sum(int(x) for x in f.readline().split()[1:4])  # user, nice, system
-        return busy / os.sysconf("SC_CLK_TCK"), time.monotonic()
+    import psutil
 
-    try:
-        (b0, t0), own0 = sample(), sum(os.times()[:2])
-        time.sleep(interval)
-        (b1, t1), own1 = sample(), sum(os.times()[:2])
-    except (OSError, ValueError):
-        return 0.0
-    return max(0.0, (b1 - b0) - (own1 - own0)) / (t1 - t0)
+    me = psutil.Process()
+    own = sum(me.cpu_times()[:2])
+    busy = psutil.cpu_percent(interval) / 100 * (psutil.cpu_count() or 1)
+    own = sum(me.cpu_times()[:2]) - own
+    return max(0.0, busy - own / interval)
 
 
 def pick_threads() -> int:
